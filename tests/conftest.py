@@ -1,0 +1,40 @@
+"""Shared fixtures: the real slide files in ../shared/slides and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_SLIDES = PROJECT_ROOT.parent / "shared" / "slides"
+
+
+@pytest.fixture(scope="session")
+def shared_slides() -> Path:
+    """The folder of real slide files; tests that need it skip where it is absent."""
+    if not SHARED_SLIDES.is_dir():
+        pytest.skip(f"real slide files not found at {SHARED_SLIDES} (they live beside the project, in ../shared/slides)")
+    return SHARED_SLIDES
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray instance for the whole session, on 127.0.0.1, with logical CPUs for 2 train
+    workers, tile actors and Serve replicas on a 2-core machine."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
+            log_to_driver=False,
+        )
+    yield
+    ray.shutdown()
