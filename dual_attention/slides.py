@@ -1,0 +1,337 @@
+"""Slide access: open any slide OpenSlide reads, thumbnails, tissue masks, region reads, coordinates.
+
+Coordinate frames:
+- level 0: pixels of the full-resolution level, ``(x, y)`` with x to the right; boxes are ``Level0Box``.
+- thumbnail: the image at 1/``downsample`` of level 0, indexed ``(row, col)``; thumbnail pixel (r, c)
+  covers level-0 ``[c*s, (c+1)*s) x [r*s, (r+1)*s)``, so its centre is ``((c+0.5)*s, (r+0.5)*s)``.
+``thumb_to_level0_box`` and ``level0_to_thumb_rc`` are the one mapping between the two.
+
+Every problem with a slide file surfaces as ``SlideError`` naming the file and the cause.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+from skimage import color, filters, morphology
+
+DEFAULT_THUMBNAIL_DOWNSAMPLE = 32
+FALLBACK_OBJECTIVE_POWER = 40.0  # when a file records neither objective power nor a plausible mpp
+PLAUSIBLE_MPP_RANGE = (0.05, 20.0)  # µm/px; a 72-dpi TIFF tag gives 352 µm/px, which is no microscope
+# Band height (level pixels) for thumbnails of slides without a suitable pyramid level: bounds memory.
+_THUMBNAIL_BAND_LEVEL_PX = 4096
+
+
+class SlideError(Exception):
+    """A slide cannot be opened or read. ``path`` names the file, ``reason`` the cause."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keeps path and reason when the error crosses process boundaries (Ray)
+        return (SlideError, (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class Level0Box:
+    """A rectangle in level-0 pixel coordinates."""
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    @property
+    def area_level0_px(self) -> int:
+        return self.width * self.height
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.width, self.height)
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level
+    level_downsamples: tuple[float, ...]
+    mpp_x: float  # µm per level-0 pixel
+    mpp_y: float
+    mpp_source: str  # "file", "objective-power" or "default (assumed 40x)"
+    objective_power: float
+    objective_source: str  # "file", "mpp" or "default"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open a slide; any file OpenSlide cannot open raises ``SlideError`` naming it and the cause."""
+    return Slide(path)
+
+
+class Slide:
+    """An open slide. Reads are thread-safe (libopenslide is); ``close`` must not race with reads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise SlideError(self.path, "no such file")
+        try:
+            self._osr = openslide.OpenSlide(self.path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(self.path, "unsupported or unrecognised slide format") from None
+        except openslide.OpenSlideError as exc:
+            raise SlideError(self.path, f"corrupt or unsupported slide file: {exc}") from None
+        except OSError as exc:
+            raise SlideError(self.path, f"cannot read file: {exc}") from None
+        self.info = _slide_info(self.path, self._osr)
+
+    # -- metadata ---------------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.info.dimensions
+
+    def thumbnail_shape(self, downsample: int = DEFAULT_THUMBNAIL_DOWNSAMPLE) -> tuple[int, int]:
+        """(rows, cols) of the thumbnail at 1/downsample; partial pixels at the edges count as pixels."""
+        width, height = self.dimensions
+        return (max(1, math.ceil(height / downsample)), max(1, math.ceil(width / downsample)))
+
+    # -- pixels ---------------------------------------------------------------------------------------
+    def thumbnail(self, downsample: int = DEFAULT_THUMBNAIL_DOWNSAMPLE) -> np.ndarray:
+        """The slide at 1/downsample of level 0 as (rows, cols, 3) uint8, read from the nearest finer level
+        and resized (a slide rarely has a level at exactly that downsample)."""
+        rows, cols = self.thumbnail_shape(downsample)
+        level = self._osr.get_best_level_for_downsample(downsample)
+        level_downsample = self.info.level_downsamples[level]
+        level_width, level_height = self.info.level_dimensions[level]
+        if level_width * level_height <= _THUMBNAIL_BAND_LEVEL_PX**2:
+            region = self._read_rgb((0, 0), level, (level_width, level_height), what="thumbnail")
+            return np.asarray(Image.fromarray(region).resize((cols, rows), Image.Resampling.BOX))
+        # Large level: read bands of whole thumbnail rows so memory stays bounded.
+        out = np.empty((rows, cols, 3), dtype=np.uint8)
+        band_rows = max(1, int(_THUMBNAIL_BAND_LEVEL_PX * level_downsample // downsample))
+        for row0 in range(0, rows, band_rows):
+            row1 = min(rows, row0 + band_rows)
+            y0_level0 = row0 * downsample
+            band_height_level = max(1, round((row1 - row0) * downsample / level_downsample))
+            band_height_level = min(band_height_level, level_height - int(y0_level0 / level_downsample))
+            band = self._read_rgb((0, y0_level0), level, (level_width, max(1, band_height_level)), what="thumbnail")
+            out[row0:row1] = np.asarray(Image.fromarray(band).resize((cols, row1 - row0), Image.Resampling.BOX))
+        return out
+
+    def read_box(self, box: Level0Box, out_px: tuple[int, int] | None = None) -> np.ndarray:
+        """Pixels of a level-0 box as (h, w, 3) uint8. With ``out_px=(width, height)`` the box is read from the
+        coarsest level still at least as fine as the target, then resized (area average), so a 20x read
+        from a 40x slide without a 20x level comes out right."""
+        if box.width <= 0 or box.height <= 0:
+            raise SlideError(self.path, f"empty region requested: {box}")
+        if out_px is None:
+            return self._read_rgb((box.x0, box.y0), 0, (box.width, box.height), what=f"region {box.as_tuple()}")
+        out_width, out_height = out_px
+        if out_width <= 0 or out_height <= 0:
+            raise SlideError(self.path, f"output size must be positive, got {out_px}")
+        downsample = min(box.width / out_width, box.height / out_height)
+        level = self._osr.get_best_level_for_downsample(max(1.0, downsample))
+        level_downsample = self.info.level_downsamples[level]
+        size_level = (max(1, round(box.width / level_downsample)), max(1, round(box.height / level_downsample)))
+        region = self._read_rgb((box.x0, box.y0), level, size_level, what=f"region {box.as_tuple()}")
+        if size_level == (out_width, out_height):
+            return region
+        return np.asarray(Image.fromarray(region).resize((out_width, out_height), Image.Resampling.BOX))
+
+    def read_box_at_magnification(self, box: Level0Box, magnification: float) -> np.ndarray:
+        """The level-0 box rendered at ``magnification`` (e.g. 20 from a 40x slide)."""
+        if magnification <= 0:
+            raise SlideError(self.path, f"magnification must be positive, got {magnification}")
+        scale = magnification / self.info.objective_power
+        out_px = (max(1, round(box.width * scale)), max(1, round(box.height * scale)))
+        return self.read_box(box, out_px)
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({self.path!r}, {self.dimensions[0]}x{self.dimensions[1]}, {self.info.vendor})"
+
+    def _read_rgb(self, location_level0: tuple[int, int], level: int, size: tuple[int, int], what: str) -> np.ndarray:
+        try:
+            rgba = self._osr.read_region(location_level0, level, size)
+        except openslide.OpenSlideError as exc:
+            raise SlideError(self.path, f"cannot read {what}: {exc}") from None
+        except ValueError as exc:  # openslide-python raises ValueError on a closed handle
+            raise SlideError(self.path, f"cannot read {what}: {exc}") from None
+        return _rgba_to_rgb(rgba)
+
+
+def _rgba_to_rgb(rgba: Image.Image) -> np.ndarray:
+    """OpenSlide gives premultiplied RGBA with alpha 0 outside the scanned area: show that as white glass."""
+    pixels = np.asarray(rgba)
+    rgb = pixels[..., :3].astype(np.uint16)
+    alpha = pixels[..., 3:4].astype(np.uint16)
+    # premultiplied: colour + (255 - alpha) puts white behind transparent pixels
+    return np.clip(rgb + (255 - alpha), 0, 255).astype(np.uint8)
+
+
+def _slide_info(path: str, osr: openslide.OpenSlide) -> SlideInfo:
+    props = osr.properties
+    objective = _float_or_none(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+    mpp_x = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_X))
+    mpp_y = _float_or_none(props.get(openslide.PROPERTY_NAME_MPP_Y)) or mpp_x
+    low, high = PLAUSIBLE_MPP_RANGE
+    mpp_plausible = mpp_x is not None and low <= mpp_x <= high
+    if mpp_plausible:
+        mpp_source = "file"
+    elif objective:
+        mpp_x = mpp_y = 10.0 / objective  # a 10x objective images about 1 µm per pixel
+        mpp_source = "objective-power"
+    else:
+        mpp_x = mpp_y = 10.0 / FALLBACK_OBJECTIVE_POWER
+        mpp_source = f"default (assumed {FALLBACK_OBJECTIVE_POWER:g}x)"
+    if objective:
+        objective_source = "file"
+    elif mpp_plausible:
+        objective = round(10.0 / mpp_x, 1)
+        objective_source = "mpp"
+    else:
+        objective = FALLBACK_OBJECTIVE_POWER
+        objective_source = "default"
+    return SlideInfo(
+        path=path,
+        vendor=props.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+        level_dimensions=tuple(tuple(int(v) for v in d) for d in osr.level_dimensions),
+        level_downsamples=tuple(float(d) for d in osr.level_downsamples),
+        mpp_x=float(mpp_x),
+        mpp_y=float(mpp_y if mpp_plausible else mpp_x),
+        mpp_source=mpp_source,
+        objective_power=float(objective),
+        objective_source=objective_source,
+    )
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number and number > 0 else None
+
+
+# -- tissue ------------------------------------------------------------------------------------------------
+
+
+def tissue_mask(thumbnail_rgb: np.ndarray, min_area_thumb_px: int = 16) -> np.ndarray:
+    """Tissue on a thumbnail as a (rows, cols) bool mask.
+
+    Otsu on the grayscale image separates stained tissue from bright glass; pen ink (green, or saturated
+    blue) and very dark regions (black ink, dirt, thick folds) are excluded, then small specks are removed
+    and small holes filled.
+    """
+    rgb = np.asarray(thumbnail_rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"tissue_mask expects an (h, w, 3) RGB image, got shape {rgb.shape}")
+    gray = color.rgb2gray(rgb)
+    if float(gray.max() - gray.min()) < 0.02:  # one flat colour: nothing to separate
+        return np.zeros(gray.shape, dtype=bool)
+    foreground = gray < filters.threshold_otsu(gray)
+    hsv = color.rgb2hsv(rgb)
+    hue_deg, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+    green_ink = (hue_deg > 70) & (hue_deg < 190) & (saturation > 0.25)
+    blue_ink = (hue_deg >= 190) & (hue_deg < 250) & (saturation > 0.6)
+    very_dark = value < 0.2
+    mask = foreground & ~green_ink & ~blue_ink & ~very_dark
+    mask = morphology.opening(mask, morphology.disk(1)) if min(mask.shape) > 4 else mask
+    mask = morphology.remove_small_objects(mask, max_size=max(0, min_area_thumb_px - 1))
+    return morphology.remove_small_holes(mask, max_size=max(1, min_area_thumb_px - 1))
+
+
+# -- coordinates ---------------------------------------------------------------------------------------------
+
+
+def thumb_to_level0_box(
+    center_thumb_rc: tuple[float, float],
+    downsample: int,
+    tile_level0_px: int,
+    level0_dims: tuple[int, int],
+) -> Level0Box:
+    """A square level-0 tile centred on the centre of thumbnail pixel (row, col), shifted inside the slide."""
+    row, col = center_thumb_rc
+    width, height = level0_dims
+    center_x = (col + 0.5) * downsample
+    center_y = (row + 0.5) * downsample
+    x0 = int(round(center_x - tile_level0_px / 2))
+    y0 = int(round(center_y - tile_level0_px / 2))
+    x0 = max(0, min(x0, width - tile_level0_px))
+    y0 = max(0, min(y0, height - tile_level0_px))
+    return Level0Box(x0, y0, tile_level0_px, tile_level0_px)
+
+
+def level0_to_thumb_rc(x_level0: float, y_level0: float, downsample: int) -> tuple[float, float]:
+    """Inverse of the centre mapping: the (fractional) thumbnail (row, col) whose centre is this point."""
+    return (y_level0 / downsample - 0.5, x_level0 / downsample - 0.5)
+
+
+# -- open-handle cache -----------------------------------------------------------------------------------------
+
+
+class SlideHandleCache:
+    """A bounded LRU of open slides, safe to use from several threads.
+
+    An evicted slide is not closed explicitly: a thread may still be reading it. openslide-python closes
+    the handle when the last reference goes, so eviction is safe and the number of handles stays near
+    ``max_open``.
+    """
+
+    def __init__(self, max_open: int = 8) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self._slides: OrderedDict[str, Slide] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str | Path) -> Slide:
+        key = str(path)
+        with self._lock:
+            slide = self._slides.get(key)
+            if slide is not None:
+                self._slides.move_to_end(key)
+                return slide
+        slide = open_slide(key)  # outside the lock: opening can be slow
+        with self._lock:
+            existing = self._slides.get(key)
+            if existing is not None:
+                return existing
+            self._slides[key] = slide
+            while len(self._slides) > self.max_open:
+                self._slides.popitem(last=False)
+            return slide
+
+    def evict(self, path: str | Path) -> None:
+        """Forget a slide (e.g. after a read error left its handle unusable)."""
+        with self._lock:
+            self._slides.pop(str(path), None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slides)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._slides.clear()
