@@ -106,9 +106,8 @@ def test_read_at_lower_magnification_than_any_level(shared_slides: Path) -> None
 @pytest.mark.parametrize("name", BROKEN_SLIDES)
 def test_broken_slides_raise_slide_error_naming_the_file(shared_slides: Path, name: str) -> None:
     path = shared_slides / name
-    with pytest.raises(SlideError) as caught:
-        with open_slide(path) as slide:
-            slide.thumbnail(32)
+    with pytest.raises(SlideError) as caught, open_slide(path) as slide:
+        slide.thumbnail(32)
     assert caught.value.path == str(path)
     assert Path(name).name in str(caught.value)
     assert caught.value.reason
@@ -196,9 +195,9 @@ def test_thumbnail_level0_mapping_properties(width, height, downsample, tile, fr
     box = thumb_to_level0_box(rc, downsample, tile, (width, height))
     assert box.width == box.height == tile
     if tile <= width:
-        assert 0 <= box.x0 and box.x0 + tile <= width
+        assert box.x0 >= 0 and box.x0 + tile <= width
     if tile <= height:
-        assert 0 <= box.y0 and box.y0 + tile <= height
+        assert box.y0 >= 0 and box.y0 + tile <= height
     # Where the tile was not shifted by an edge, its centre maps back to the same thumbnail point.
     center_rc = level0_to_thumb_rc(box.x0 + tile / 2, box.y0 + tile / 2, downsample)
     unshifted_x = tile / 2 <= (rc[1] + 0.5) * downsample <= width - tile / 2
