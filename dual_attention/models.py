@@ -1,0 +1,360 @@
+"""The dual attention model's networks, one small class per role.
+
+Soft attention (low power, whole thumbnail):
+
+- ``SoftAttentionNet``: a CNN over the thumbnail giving a softmax distribution over its pixels. Convs use
+  'same' padding and the max-pool has stride 1, so the attention map keeps the thumbnail's resolution.
+- ``TileFeatureNet`` (f_f): a small residual network over one sampled tile, resized to
+  ``config.tile.feature_input_px``; its features enter the attention-sampling expectation.
+- ``SamHead``: a linear classifier over the expected tile features (the SAM's own task loss).
+
+Hard attention (high power, one tile at a time; after kevinzakka/recurrent-visual-attention and DRAM):
+
+- ``GlimpseSensor``: ``glimpse_scales`` square crops around a location in [-1, 1]^2, scale k covering
+  ``glimpse_px * 2**k`` level-0 pixels (40x, 20x, ...), all resized to ``glimpse_px``.
+- ``GlimpseNetwork``: v = relu(CNN(glimpses)) * Linear(location)  (what ⊙ where).
+- ``CoreNetwork``: two stacked LSTM cells. The bottom one (``hidden_size``) reads glimpses and feeds the
+  classifier and the baseline; the top one (``hidden_size // 2``) is started from the context features and
+  drives the location policy (DRAM's split, so the context never leaks the label to the classifier).
+- ``ContextNetwork``: a CNN over the tile downscaled to ``context_px`` in which the finest-scale area of
+  every visited glimpse is blacked out (inhibition of return).
+- ``LocationNetwork``: mean = tanh(Linear(h_top ⊙ context)); a Gaussian with fixed std. The sampled
+  location is detached: the policy is trained by REINFORCE (log-probability) only.
+- ``ClassifierNetwork``, ``BaselineNetwork``: per-step class log-probabilities and the REINFORCE baseline.
+
+Location convention: (x, y) in [-1, 1]^2 as in ``torch.nn.functional.affine_grid`` with
+``align_corners=False``: -1 is the left/top edge of the tile, +1 its right/bottom edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dual_attention.config import DualAttentionConfig
+
+# -- image conversion --------------------------------------------------------------------------------------
+
+
+def images_to_tensor(images_uint8: torch.Tensor | object) -> torch.Tensor:
+    """(n, h, w, 3) or (h, w, 3) uint8 array -> (n, 3, h, w) float32 in [0, 1]."""
+    tensor = torch.as_tensor(images_uint8)
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"expected (n, h, w, 3) RGB images, got shape {tuple(tensor.shape)}")
+    return tensor.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+
+
+# -- soft attention ----------------------------------------------------------------------------------------
+
+
+class SoftAttentionNet(nn.Module):
+    """Thumbnail (1, 3, H, W) -> attention (H, W), a softmax over all H*W pixels."""
+
+    def __init__(self, conv_layers: int, base_channels: int, pool_size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for i in range(conv_layers):
+            out_channels = base_channels * 2**i
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU()]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.pool_size = pool_size
+        self.to_logit = nn.Conv2d(in_channels, 1, 1)
+
+    def logits(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        features = self.features(thumbnail)
+        # 'same' stride-1 max-pool, also for even kernels (HER2 uses 8): pad (k-1)//2 before, k//2 after.
+        k = self.pool_size
+        padded = F.pad(features, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), value=float("-inf"))
+        pooled = F.max_pool2d(padded, k, stride=1)
+        return self.to_logit(pooled)[:, 0]  # (B, H, W)
+
+    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(thumbnail)
+        batch, height, width = logits.shape
+        return torch.softmax(logits.reshape(batch, -1), dim=1).reshape(batch, height, width)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class TileFeatureNet(nn.Module):
+    """f_f: tiles (n, 3, S, S) in [0, 1] -> features (n, channels).
+
+    ``layers`` conv layers in all: a stride-2 stem, then residual blocks of two convs with a 2x max-pool
+    between blocks, then global average pooling. No batch norm: batches are a handful of tiles.
+    """
+
+    def __init__(self, input_px: int, channels: int, layers: int) -> None:
+        super().__init__()
+        self.input_px = input_px
+        self.out_features = channels
+        self.stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(max(1, (layers - 1) // 2)))
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        if tiles.shape[-1] != self.input_px or tiles.shape[-2] != self.input_px:
+            tiles = F.interpolate(tiles, size=(self.input_px, self.input_px), mode="bilinear",
+                                  antialias=True, align_corners=False)
+        x = F.relu(self.stem(tiles))
+        for i, block in enumerate(self.blocks):
+            if i > 0 and min(x.shape[-2:]) >= 4:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+        return x.mean(dim=(2, 3))
+
+
+class SamHead(nn.Module):
+    """Expected tile features (B, C) -> class logits (B, num_classes)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, expected_features: torch.Tensor) -> torch.Tensor:
+        return self.fc(expected_features)
+
+
+# -- hard attention ----------------------------------------------------------------------------------------
+
+
+class GlimpseSensor(nn.Module):
+    """Crops ``scales`` glimpses around ``location`` (B, 2) from ``tiles`` (B, 3, S, S).
+
+    Scale k covers ``glimpse_px * 2**k`` tile pixels, average-pooled by 2**k first so the coarser scale is
+    a proper lower magnification (20x from 40x) rather than an aliased subsample. Areas outside the tile
+    read as zeros. Returns (B, 3 * scales, glimpse_px, glimpse_px).
+    """
+
+    def __init__(self, glimpse_px: int, scales: int) -> None:
+        super().__init__()
+        self.glimpse_px = glimpse_px
+        self.scales = scales
+
+    def forward(self, tiles: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = tiles.shape
+        crops = []
+        for k in range(self.scales):
+            factor = 2**k
+            source = F.avg_pool2d(tiles, factor) if factor > 1 else tiles
+            theta = torch.zeros(batch, 2, 3, dtype=tiles.dtype, device=tiles.device)
+            theta[:, 0, 0] = self.glimpse_px * factor / width
+            theta[:, 1, 1] = self.glimpse_px * factor / height
+            theta[:, :, 2] = location
+            grid = F.affine_grid(theta, [batch, 3, self.glimpse_px, self.glimpse_px], align_corners=False)
+            crops.append(F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        return torch.cat(crops, dim=1)
+
+
+def _small_cnn(in_channels: int, channels: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for out_channels in channels:
+        layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), nn.ReLU()]
+        in_channels = out_channels
+    layers.append(nn.AdaptiveAvgPool2d(4))
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+class GlimpseNetwork(nn.Module):
+    """v = relu(Linear(CNN(glimpses))) ⊙ Linear(location): the 'what' gated by the 'where'."""
+
+    def __init__(self, glimpse_px: int, scales: int, out_features: int) -> None:
+        super().__init__()
+        self.sensor = GlimpseSensor(glimpse_px, scales)
+        self.cnn = _small_cnn(3 * scales, (16, 32, 64))
+        self.what = nn.Linear(64 * 16, out_features)
+        self.where = nn.Linear(2, out_features)
+
+    def forward(self, tiles: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+        glimpses = self.sensor(tiles, location)
+        return F.relu(self.what(self.cnn(glimpses))) * self.where(location)
+
+
+class ContextNetwork(nn.Module):
+    """Downscaled tile with visited areas blacked out -> context features (B, out_features)."""
+
+    def __init__(self, context_px: int, out_features: int) -> None:
+        super().__init__()
+        self.context_px = context_px
+        self.cnn = _small_cnn(3, (16, 32, 32))
+        self.fc = nn.Linear(32 * 16, out_features)
+
+    def downscale(self, tiles: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(tiles, size=(self.context_px, self.context_px), mode="bilinear",
+                             antialias=True, align_corners=False)
+
+    def forward(self, context_image: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(self.cnn(context_image)))
+
+
+def inhibition_of_return(context_image: torch.Tensor, visited: list[torch.Tensor], box_fraction: float) -> torch.Tensor:
+    """Black out, in ``context_image`` (B, 3, c, c), a square of side ``box_fraction`` of the tile around
+    each visited location (B, 2) in [-1, 1]^2."""
+    if not visited:
+        return context_image
+    size = context_image.shape[-1]
+    centres = (torch.arange(size, dtype=context_image.dtype, device=context_image.device) + 0.5) / size * 2 - 1
+    half = box_fraction  # half side in [-1, 1] units = box_fraction * 2 / 2
+    seen = torch.zeros(context_image.shape[0], size, size, dtype=torch.bool, device=context_image.device)
+    for location in visited:
+        in_x = (centres[None, :] - location[:, 0:1]).abs() < half  # (B, c) over columns
+        in_y = (centres[None, :] - location[:, 1:2]).abs() < half  # (B, c) over rows
+        seen |= in_y[:, :, None] & in_x[:, None, :]
+    return context_image * (~seen)[:, None].to(context_image.dtype)
+
+
+class CoreNetwork(nn.Module):
+    """Two stacked LSTM cells: bottom (glimpses -> classifier), top (bottom's state -> location)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.bottom = nn.LSTMCell(input_size, hidden_size)
+        self.top = nn.LSTMCell(hidden_size, hidden_size // 2)
+
+
+class LocationNetwork(nn.Module):
+    """Gaussian policy over the next location: mean tanh(Linear(h_top ⊙ context)), fixed std."""
+
+    def __init__(self, in_features: int, std: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 2)
+        self.std = std
+
+    def forward(
+        self, features: torch.Tensor, generator: torch.Generator | None, deterministic: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (mean, location, log_prob). ``location`` is detached: no gradient flows through the
+        sample, only through ``log_prob`` (REINFORCE) and ``mean`` (the glimpse-overlap loss)."""
+        mean = torch.tanh(self.fc(features))
+        if deterministic:
+            sample = mean.detach()
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            sample = (mean + self.std * noise).detach()
+        log_prob = torch.distributions.Normal(mean, self.std).log_prob(sample).sum(dim=1)
+        return mean, sample.clamp(-1.0, 1.0), log_prob
+
+
+class ClassifierNetwork(nn.Module):
+    def __init__(self, hidden_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(hidden), dim=1)
+
+
+class BaselineNetwork(nn.Module):
+    """Predicts the return from the (detached) classifier state; trained by MSE only."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(hidden.detach())[:, 0]
+
+
+@dataclass
+class AgentOutput:
+    """One episode per tile; B tiles, T glimpses, C classes."""
+
+    class_log_probs: torch.Tensor  # (B, T, C)
+    log_pi: torch.Tensor  # (B, T) log-probability of each sampled location
+    baselines: torch.Tensor  # (B, T)
+    locations: torch.Tensor  # (B, T, 2) detached, in [-1, 1]^2 (x, y)
+    means: torch.Tensor  # (B, T, 2) policy means, carry gradient
+
+
+class HardAttentionAgent(nn.Module):
+    """Recurrent hard-attention agent over one tile: T glimpses, a class prediction per step."""
+
+    def __init__(self, config: DualAttentionConfig) -> None:
+        super().__init__()
+        agent = config.agent
+        self.n_glimpses = agent.n_glimpses
+        self.glimpse_px = agent.glimpse_px
+        glimpse_features = 2 * agent.glimpse_hidden
+        top_size = agent.hidden_size // 2
+        self.glimpse = GlimpseNetwork(agent.glimpse_px, agent.glimpse_scales, glimpse_features)
+        self.core = CoreNetwork(glimpse_features, agent.hidden_size)
+        self.context = ContextNetwork(agent.context_px, top_size)
+        self.location = LocationNetwork(top_size, agent.location_std)
+        self.classifier = ClassifierNetwork(agent.hidden_size, config.num_classes)
+        self.baseline = BaselineNetwork(agent.hidden_size)
+
+    def forward(
+        self, tiles: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+    ) -> AgentOutput:
+        """``tiles``: (B, 3, S, S) float in [0, 1] at level-0 resolution. ``deterministic`` uses the
+        policy means as locations (evaluation); otherwise locations are drawn with ``generator``."""
+        batch, _, tile_px, _ = tiles.shape
+        box_fraction = self.glimpse_px / tile_px  # the finest glimpse's side as a fraction of the tile
+        small_tile = self.context.downscale(tiles)
+        top_size = self.core.top.hidden_size
+        zeros_bottom = tiles.new_zeros(batch, self.core.bottom.hidden_size)
+        h_bottom, c_bottom = zeros_bottom, zeros_bottom
+        h_top, c_top = None, tiles.new_zeros(batch, top_size)
+        visited: list[torch.Tensor] = []
+        log_probs, log_pis, baselines, locations, means = [], [], [], [], []
+        for _ in range(self.n_glimpses):
+            context = self.context(inhibition_of_return(small_tile, visited, box_fraction))
+            if h_top is None:
+                h_top = context  # DRAM: the context starts the top (location) layer
+            mean, location, log_pi = self.location(h_top * context, generator, deterministic)
+            v = self.glimpse(tiles, location)
+            h_bottom, c_bottom = self.core.bottom(v, (h_bottom, c_bottom))
+            log_probs.append(self.classifier(h_bottom))
+            baselines.append(self.baseline(h_bottom))
+            # The top layer reads a detached bottom state: REINFORCE trains only the location pathway.
+            h_top, c_top = self.core.top(h_bottom.detach(), (h_top, c_top))
+            visited.append(location)
+            log_pis.append(log_pi)
+            locations.append(location)
+            means.append(mean)
+        return AgentOutput(
+            class_log_probs=torch.stack(log_probs, dim=1),
+            log_pi=torch.stack(log_pis, dim=1),
+            baselines=torch.stack(baselines, dim=1),
+            locations=torch.stack(locations, dim=1),
+            means=torch.stack(means, dim=1),
+        )
+
+
+# -- the whole model ---------------------------------------------------------------------------------------
+
+
+class DualAttentionModel(nn.Module):
+    """Holds the four parts; ``pipeline`` composes them (SAM -> sampler -> tiles -> agent -> slide)."""
+
+    def __init__(self, config: DualAttentionConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.task = config.task
+        self.num_classes = config.num_classes
+        sa, tile = config.soft_attention, config.tile
+        self.soft_attention = SoftAttentionNet(sa.conv_layers, sa.base_channels, sa.pool_size)
+        self.tile_features = TileFeatureNet(tile.feature_input_px, tile.feature_channels, tile.feature_layers)
+        self.sam_head = SamHead(tile.feature_channels, config.num_classes)
+        self.agent = HardAttentionAgent(config)
+
+    def sam_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by L_SA (soft attention, tile features, SAM head)."""
+        return [*self.soft_attention.parameters(), *self.tile_features.parameters(), *self.sam_head.parameters()]
+
+    def agent_parameters(self) -> list[nn.Parameter]:
+        return list(self.agent.parameters())

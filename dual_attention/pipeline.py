@@ -1,0 +1,338 @@
+"""The one place where SAM -> sampler -> tiles -> agent -> slide score is composed.
+
+Training (Ray Train), evaluation, the random-sampling baseline and serving all call these functions;
+Ray never appears here: tiles arrive through a plain ``ReadTiles`` callable that callers may back with
+Ray actors, OpenSlide or a numpy array.
+
+Stages:
+
+- ``propose_tiles``: thumbnail -> attention map -> N level-0 boxes (``sampler="attention"``, the paper's
+  sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``.
+- ``score_tiles``: tiles -> the agent's per-tile class probabilities and glimpse trails. Evaluation uses
+  the policy **means** as glimpse locations, so a tile's score does not depend on the seed; the seed only
+  drives the sampler's noise in ``propose_tiles``. ``score_slide`` is therefore deterministic per seed.
+- ``aggregate``: tile scores -> slide score (HER2: dominant tile class; MMR: mean probability);
+  ``combine_folds`` averages fold models' slide probabilities.
+- ``training_step``: one batch of slides -> L_J (or the separate-mode part) and its terms.
+
+Separate mode (``config.train.mode == "separate"``): epochs ``[0, ceil(E/2))`` train the SAM alone with
+L_SA (the agent is not run); later epochs train the agent alone with L_HA on tiles from the frozen SAM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dual_attention import losses
+from dual_attention.config import CLASS_NAMES, DualAttentionConfig
+from dual_attention.expectation import expected_features
+from dual_attention.metrics import aggregate_tile_probabilities, combine_fold_probabilities
+from dual_attention.models import DualAttentionModel, images_to_tensor
+from dual_attention.sampling import (
+    SampledLocations,
+    locations_to_level0_boxes,
+    random_locations,
+    sample_locations,
+)
+from dual_attention.slides import Level0Box
+
+ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
+"""For ONE slide: level-0 boxes -> (n, S, S, 3) uint8 tiles, S = config.tile.tile_level0_px, in order."""
+
+AGENT_CHUNK_TILES = 8  # tiles per agent forward pass when scoring (bounds memory for 2048² tiles)
+
+
+class ScoringError(ValueError):
+    """A slide cannot be scored (no tissue to sample, tiles of the wrong shape); the message says why."""
+
+
+@dataclass
+class TileProposal:
+    level0_boxes: list[Level0Box]
+    attention_weights: np.ndarray  # (n,) attention at each box's thumbnail centre
+    attention_map: np.ndarray  # (h, w) thumbnail-sized, sums to 1
+    centers_thumb_rc: np.ndarray  # (n, 2) row, col on the thumbnail
+    shortfall_reason: str | None  # why fewer than config.sampler.n_tiles boxes; None if all
+
+
+@dataclass
+class TileScore:
+    level0_box: Level0Box
+    attention_weight: float
+    predicted_class: int
+    class_probabilities: list[float]
+    glimpse_trail_level0: list[tuple[float, float]]  # glimpse centres (x, y) in level-0 px, in order
+
+
+@dataclass
+class SlideScore:
+    predicted_class: int
+    predicted_label: str
+    class_probabilities: list[float]
+    confidence: float
+    tiles: list[TileScore]
+    attention_map: np.ndarray
+    level0_pixels_read: int
+    fraction_level0_read: float
+
+
+@dataclass
+class SlideBatch:
+    thumbnails: list[np.ndarray]
+    tissue_masks: list[np.ndarray]
+    labels: list[int]
+    level0_dims: list[tuple[int, int]]
+    read_tiles: list[ReadTiles]
+    slide_ids: list[str] = field(default_factory=list)  # optional, named in error messages
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def _check_thumbnail(thumbnail: np.ndarray, tissue_mask: np.ndarray, what: str) -> None:
+    if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.dtype != np.uint8:
+        raise ScoringError(f"{what}: thumbnail must be (h, w, 3) uint8, got {thumbnail.shape} {thumbnail.dtype}")
+    if tissue_mask.shape != thumbnail.shape[:2]:
+        raise ScoringError(f"{what}: tissue_mask shape {tissue_mask.shape} != thumbnail shape {thumbnail.shape[:2]}")
+
+
+def _check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarray:
+    tiles = np.asarray(tiles)
+    if tiles.shape != (n, tile_px, tile_px, 3) or tiles.dtype != np.uint8:
+        raise ScoringError(
+            f"{what}: read_tiles returned {tiles.shape} {tiles.dtype}, expected ({n}, {tile_px}, {tile_px}, 3) uint8"
+        )
+    return tiles
+
+
+def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray) -> torch.Tensor:
+    """The SAM's attention (h, w) over ``thumbnail`` (h, w, 3) uint8, with the autograd state of the caller."""
+    return model.soft_attention(images_to_tensor(thumbnail))[0]
+
+
+def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random rot90 (0-3 quarter turns) and horizontal flip per tile, drawn from ``rng``."""
+    out = np.empty_like(tiles)
+    turns = rng.integers(0, 4, size=len(tiles))
+    flips = rng.integers(0, 2, size=len(tiles))
+    for i, tile in enumerate(tiles):
+        tile = np.rot90(tile, k=int(turns[i]), axes=(0, 1))
+        out[i] = tile[:, ::-1] if flips[i] else tile
+    return out
+
+
+def location_to_level0(location_xy: np.ndarray, box: Level0Box) -> tuple[float, float]:
+    """(x, y) in [-1, 1]^2 over the tile (affine_grid, align_corners=False) -> level-0 (x, y) px."""
+    x, y = float(location_xy[0]), float(location_xy[1])
+    return box.x0 + (x + 1.0) / 2.0 * box.width, box.y0 + (y + 1.0) / 2.0 * box.height
+
+
+def _sample(attention: np.ndarray, tissue_mask: np.ndarray, config: DualAttentionConfig, rng: np.random.Generator,
+            sampler: str) -> SampledLocations:
+    if sampler == "attention":
+        return sample_locations(attention, tissue_mask, config.sampler, config.soft_attention.attention_mask, rng)
+    if sampler == "random":
+        return random_locations(tissue_mask, config.sampler.n_tiles, rng)
+    raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
+
+
+# -- stage 1: soft attention and sampling ------------------------------------------------------------------
+
+
+def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray,
+                  level0_dims: tuple[int, int], config: DualAttentionConfig, seed: int,
+                  sampler: str = "attention") -> TileProposal:
+    """SAM -> sampler -> level-0 boxes, in evaluation mode (no gradients), seeded by ``seed``."""
+    _check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
+    with torch.no_grad():
+        attention = attention_map_of(model, thumbnail).numpy().astype(np.float64)
+    sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
+    centers = sampled.centers_thumb_rc
+    boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, config.tile.tile_level0_px,
+                                      level0_dims)
+    return TileProposal(
+        level0_boxes=boxes,
+        attention_weights=attention[centers[:, 0], centers[:, 1]] if len(centers) else np.zeros(0),
+        attention_map=attention,
+        centers_thumb_rc=centers,
+        shortfall_reason=sampled.shortfall_reason,
+    )
+
+
+# -- stage 2: hard attention over the tiles ----------------------------------------------------------------
+
+
+def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProposal, config: DualAttentionConfig,
+                seed: int) -> list[TileScore]:
+    """The agent over each proposed tile, glimpsing at the policy means (deterministic; ``seed`` is kept
+    for the contract and unused here)."""
+    del seed
+    n = len(proposal.level0_boxes)
+    tiles = _check_tiles(tiles, n, config.tile.tile_level0_px, "score_tiles")
+    scores: list[TileScore] = []
+    with torch.no_grad():
+        for start in range(0, n, AGENT_CHUNK_TILES):
+            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES])
+            output = model.agent(chunk, deterministic=True)
+            probs = output.class_log_probs[:, -1].exp().numpy()
+            locations = output.locations.numpy()
+            for j in range(len(chunk)):
+                box = proposal.level0_boxes[start + j]
+                scores.append(TileScore(
+                    level0_box=box,
+                    attention_weight=float(proposal.attention_weights[start + j]),
+                    predicted_class=int(np.argmax(probs[j])),
+                    class_probabilities=[float(p) for p in probs[j]],
+                    glimpse_trail_level0=[location_to_level0(loc, box) for loc in locations[j]],
+                ))
+    return scores
+
+
+def aggregate(tile_scores: Sequence[TileScore], task: str, level0_dims: tuple[int, int],
+              attention_map: np.ndarray | None = None) -> SlideScore:
+    """Tile scores -> slide score (see ``metrics.aggregate_tile_probabilities``)."""
+    if not tile_scores:
+        raise ScoringError("aggregate: no tile scores (no tissue was sampled)")
+    predicted, confidence, mean = aggregate_tile_probabilities(
+        np.array([t.class_probabilities for t in tile_scores]), task)
+    pixels = sum(t.level0_box.width * t.level0_box.height for t in tile_scores)
+    width, height = level0_dims
+    return SlideScore(
+        predicted_class=predicted,
+        predicted_label=CLASS_NAMES[task][predicted],
+        class_probabilities=[float(p) for p in mean],
+        confidence=confidence,
+        tiles=list(tile_scores),
+        attention_map=np.zeros((0, 0)) if attention_map is None else attention_map,
+        level0_pixels_read=int(pixels),
+        fraction_level0_read=float(pixels / (width * height)),
+    )
+
+
+def combine_folds(fold_scores: Sequence[SlideScore], task: str) -> SlideScore:
+    """One slide scored by several fold models -> mean class probabilities; tiles of all folds kept."""
+    if not fold_scores:
+        raise ValueError("combine_folds: no fold scores")
+    predicted, confidence, mean = combine_fold_probabilities([s.class_probabilities for s in fold_scores])
+    maps = [s.attention_map for s in fold_scores]
+    same_shape = all(m.shape == maps[0].shape for m in maps)
+    return SlideScore(
+        predicted_class=predicted,
+        predicted_label=CLASS_NAMES[task][predicted],
+        class_probabilities=[float(p) for p in mean],
+        confidence=confidence,
+        tiles=[t for s in fold_scores for t in s.tiles],
+        attention_map=np.mean(maps, axis=0) if same_shape else maps[0],
+        level0_pixels_read=int(sum(s.level0_pixels_read for s in fold_scores)),
+        fraction_level0_read=float(sum(s.fraction_level0_read for s in fold_scores)),
+    )
+
+
+def score_slide(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray,
+                level0_dims: tuple[int, int], read_tiles: ReadTiles, config: DualAttentionConfig, seed: int,
+                sampler: str = "attention") -> SlideScore:
+    """Both stages end to end; deterministic for a given ``seed``. Raises ``ScoringError`` when no tile
+    can be sampled (the proposal's shortfall reason is in the message)."""
+    proposal = propose_tiles(model, thumbnail, tissue_mask, level0_dims, config, seed, sampler=sampler)
+    if not proposal.level0_boxes:
+        raise ScoringError(f"no tiles to score: {proposal.shortfall_reason}")
+    tiles = read_tiles(proposal.level0_boxes)
+    tile_scores = score_tiles(model, tiles, proposal, config, seed)
+    return aggregate(tile_scores, config.task, level0_dims, attention_map=proposal.attention_map)
+
+
+# -- training ----------------------------------------------------------------------------------------------
+
+
+def training_phase(config: DualAttentionConfig, epoch: int) -> str:
+    """"joint", or in separate mode "sam" for epochs [0, ceil(E/2)) and "agent" after."""
+    if config.train.mode == "joint":
+        return "joint"
+    return "sam" if epoch < math.ceil(config.train.epochs / 2) else "agent"
+
+
+def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, config: DualAttentionConfig,
+                  rng: np.random.Generator, augment: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch of slides -> (loss to back-propagate, its terms as floats).
+
+    Per slide: attention over the thumbnail (with gradient), the paper's sampler on its detached copy
+    (noise from ``rng``), tiles through ``read_tiles``, optional rot90/flip from ``rng``; f_f on the tiles
+    and the attention-sampling expectation give the SAM head's logits (L_SA). All tiles, labelled with
+    their slide's label, go through the agent with locations drawn from a generator seeded from ``rng``
+    (L_HA). Slides with no tissue are skipped and counted (``slides_skipped``); a batch with none left
+    raises ``ScoringError``. Terms not computed in this phase are NaN.
+    """
+    phase = training_phase(config, epoch)
+    train_sam, train_agent = phase in ("joint", "sam"), phase in ("joint", "agent")
+    n_slides = len(batch.thumbnails)
+    if not (len(batch.tissue_masks) == len(batch.labels) == len(batch.level0_dims) == len(batch.read_tiles)
+            == n_slides) or n_slides == 0:
+        raise ValueError("SlideBatch fields must be non-empty lists of the same length")
+    tile_px = config.tile.tile_level0_px
+    sam_logits, sam_labels, attention_maps = [], [], []
+    agent_tiles, agent_labels = [], []
+    skipped = 0
+    for i in range(n_slides):
+        what = f"slide {batch.slide_ids[i] if i < len(batch.slide_ids) else i}"
+        _check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
+        with torch.set_grad_enabled(train_sam):
+            attention = attention_map_of(model, batch.thumbnails[i])
+        sampled = sample_locations(attention.detach().numpy().astype(np.float64), batch.tissue_masks[i].astype(bool),
+                                   config.sampler, config.soft_attention.attention_mask, rng)
+        centers = sampled.centers_thumb_rc
+        if len(centers) == 0:
+            skipped += 1
+            continue
+        boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, tile_px, batch.level0_dims[i])
+        tiles = _check_tiles(batch.read_tiles[i](boxes), len(boxes), tile_px, what)
+        if augment:
+            tiles = augment_tiles(tiles, rng)
+        tiles_t = images_to_tensor(tiles)
+        label = int(batch.labels[i])
+        if train_sam:
+            features = model.tile_features(tiles_t)
+            attention_at_tiles = attention[torch.as_tensor(centers[:, 0]), torch.as_tensor(centers[:, 1])]
+            sam_logits.append(model.sam_head(expected_features(attention_at_tiles, features)))
+            sam_labels.append(label)
+            attention_maps.append(attention)
+        agent_tiles.append(tiles_t)
+        agent_labels += [label] * len(tiles_t)
+    if skipped == n_slides:
+        raise ScoringError(f"training_step: none of the {n_slides} slides had tissue to sample")
+
+    nan = float("nan")
+    terms: dict[str, float] = {}
+    total = torch.zeros(())
+    if train_sam:
+        l_sa, sam_ce, sam_neg_entropy = losses.sam_loss(torch.stack(sam_logits), torch.as_tensor(sam_labels),
+                                                        attention_maps, config.loss.beta)
+        sam_weight = config.loss.alpha**epoch if phase == "joint" else 1.0
+        total = total + sam_weight * l_sa
+        terms |= {"l_sa": l_sa.item(), "sam_ce": sam_ce.item(), "sam_neg_entropy": sam_neg_entropy.item(),
+                  "sam_weight": sam_weight,
+                  "sam_accuracy": float((torch.stack(sam_logits).argmax(1) == torch.as_tensor(sam_labels))
+                                        .float().mean())}
+    else:
+        terms |= {"l_sa": nan, "sam_ce": nan, "sam_neg_entropy": nan, "sam_weight": 0.0, "sam_accuracy": nan}
+    if train_agent:
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        output = model.agent(torch.cat(agent_tiles), generator=generator)
+        agent = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
+                                    torch.as_tensor(agent_labels), config.agent.glimpse_px / tile_px,
+                                    config.loss.delta)
+        total = total + agent.l_ha
+        terms |= {"l_ha": agent.l_ha.item(), "l_theta": agent.l_theta.item(), "reinforce": agent.reinforce.item(),
+                  "nll": agent.nll.item(), "baseline_mse": agent.baseline_mse.item(), "l_bb": agent.l_bb.item(),
+                  "l_s": agent.l_s.item(), "tile_accuracy": agent.accuracy_last_step,
+                  "mean_reward": agent.mean_reward}
+    else:
+        terms |= {k: nan for k in ("l_ha", "l_theta", "reinforce", "nll", "baseline_mse", "l_bb", "l_s",
+                                   "tile_accuracy", "mean_reward")}
+    terms |= {"l_j": total.item(), "n_tiles": float(sum(len(t) for t in agent_tiles)),
+              "slides_skipped": float(skipped), "trains_sam": float(train_sam), "trains_agent": float(train_agent)}
+    return total, terms

@@ -1,0 +1,170 @@
+"""Attention map -> a few spatially distinct tile locations on the thumbnail; and the random baseline.
+
+The attention sampler (paper, step 2):
+
+1. min-max normalise the attention map to (0, 1] (``normalise_attention``);
+2. mask it: "positive" maps by an adaptive (Otsu) threshold, "tumour" maps by 3-means keeping the
+   highest-mean cluster; always inside the tissue mask (``attention_region``);
+3. add noise n ~ U[low, high] inside the mask only: F = m·n + m·Â;
+4. take the top 2N locations of F, then greedily keep those at least d_t apart, up to N.
+
+Fewer than N locations come back, with ``shortfall_reason`` saying why, when the mask is too small or the
+candidates too crowded. Locations are thumbnail (row, col) pixel indices; ``thumb_to_level0_box`` from
+``dual_attention.slides`` is the one mapping to level 0.
+
+The random baseline (``random_locations``) draws N tissue pixels without replacement by Gumbel-top-k
+(uniform unless ``log_weights`` are given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.filters import threshold_otsu
+from sklearn.cluster import KMeans
+
+from dual_attention.config import SamplerConfig
+from dual_attention.slides import Level0Box, thumb_to_level0_box
+
+
+@dataclass
+class SampledLocations:
+    centers_thumb_rc: np.ndarray  # (n, 2) int row, col on the thumbnail, best first
+    scores: np.ndarray  # (n,) the ranking score F (or the Gumbel key) of each kept location
+    shortfall_reason: str | None  # why fewer than the requested number came back; None if all did
+
+
+def _check_maps(attention_map: np.ndarray, tissue_mask: np.ndarray) -> None:
+    if attention_map.ndim != 2:
+        raise ValueError(f"attention_map must be 2-D (h, w), got shape {attention_map.shape}")
+    if tissue_mask.shape != attention_map.shape:
+        raise ValueError(
+            f"tissue_mask shape {tissue_mask.shape} does not match attention_map shape {attention_map.shape}"
+        )
+
+
+def normalise_attention(attention_map: np.ndarray) -> np.ndarray:
+    """Min-max normalise to (0, 1]: the minimum maps to a small positive value, not 0, so every pixel of
+    the mask keeps a non-zero score; a constant map becomes all ones."""
+    values = np.asarray(attention_map, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    span = high - low
+    if span <= 0 or not np.isfinite(span):
+        return np.ones_like(values)
+    eps = 1e-6 * span
+    return (values - low + eps) / (span + eps)
+
+
+def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """The sampling mask m: high-attention pixels inside tissue.
+
+    ``kind="positive"``: pixels above Otsu's threshold of the attention values inside tissue.
+    ``kind="tumour"``: 3-means on those values, keeping the cluster with the highest mean.
+    Falls back to the whole tissue mask when the values inside tissue are (nearly) constant.
+    """
+    _check_maps(normalised, tissue_mask)
+    tissue = tissue_mask.astype(bool)
+    values = normalised[tissue]
+    if values.size == 0:
+        return tissue
+    distinct = np.unique(values)
+    if kind == "positive":
+        if distinct.size < 2:
+            return tissue
+        threshold = threshold_otsu(values)
+        return tissue & (normalised > threshold)
+    if kind == "tumour":
+        if distinct.size < 3:
+            return tissue
+        kmeans = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(values.reshape(-1, 1))
+        best = int(np.argmax(kmeans.cluster_centers_[:, 0]))
+        region = np.zeros_like(tissue)
+        region[tissue] = kmeans.labels_ == best
+        return region
+    raise ValueError(f"unknown attention mask kind {kind!r}; expected 'positive' or 'tumour'")
+
+
+def greedy_spread(candidates_rc: np.ndarray, min_distance: float, limit: int) -> np.ndarray:
+    """Indices of ``candidates_rc`` (ordered best first) kept greedily so that every pair is at least
+    ``min_distance`` apart (Euclidean, thumbnail pixels), up to ``limit``."""
+    kept: list[int] = []
+    for i, point in enumerate(candidates_rc):
+        if len(kept) >= limit:
+            break
+        if kept:
+            distances = np.hypot(*(candidates_rc[kept] - point).T)
+            if distances.min() < min_distance:
+                continue
+        kept.append(i)
+    return np.asarray(kept, dtype=np.int64)
+
+
+def sample_locations(
+    attention_map: np.ndarray,
+    tissue_mask: np.ndarray,
+    sampler: SamplerConfig,
+    mask_kind: str,
+    rng: np.random.Generator,
+) -> SampledLocations:
+    """The paper's sampler (see the module docstring). ``rng`` draws the noise (and seeds k-means)."""
+    _check_maps(attention_map, tissue_mask)
+    n_wanted = sampler.n_tiles
+    normalised = normalise_attention(attention_map)
+    kmeans_seed = int(rng.integers(0, 2**31 - 1))
+    region = attention_region(normalised, tissue_mask, mask_kind, seed=kmeans_seed)
+    noise = rng.uniform(sampler.noise_low, sampler.noise_high, size=normalised.shape)
+    score = np.where(region, noise + normalised, -np.inf)  # F = m·n + m·Â, outside the mask excluded
+    n_region = int(region.sum())
+    if n_region == 0:
+        return SampledLocations(np.zeros((0, 2), np.int64), np.zeros(0), "no tissue inside the attention mask")
+    flat = score.ravel()
+    n_candidates = min(sampler.n_candidates, n_region)
+    top = np.argpartition(-flat, n_candidates - 1)[:n_candidates]
+    top = top[np.argsort(-flat[top], kind="stable")]
+    candidates = np.stack(np.unravel_index(top, score.shape), axis=1)
+    kept = greedy_spread(candidates, sampler.min_distance_thumb_px, n_wanted)
+    reason = None
+    if kept.size < n_wanted:
+        reason = (
+            f"only {kept.size} of {n_wanted} locations: the attention mask holds {n_region} thumbnail pixels "
+            f"and {n_candidates} candidates gave {kept.size} at least {sampler.min_distance_thumb_px} px apart"
+        )
+    return SampledLocations(candidates[kept], flat[top[kept]], reason)
+
+
+def random_locations(
+    tissue_mask: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    log_weights: np.ndarray | None = None,
+) -> SampledLocations:
+    """Random-sampling baseline: ``n`` tissue pixels without replacement by Gumbel-top-k.
+
+    With ``log_weights`` (h, w) the draw is proportional to exp(log_weights) over tissue; otherwise
+    uniform over tissue.
+    """
+    tissue = tissue_mask.astype(bool)
+    if log_weights is not None:
+        _check_maps(np.asarray(log_weights), tissue)
+    n_tissue = int(tissue.sum())
+    if n_tissue == 0:
+        return SampledLocations(np.zeros((0, 2), np.int64), np.zeros(0), "no tissue in the tissue mask")
+    gumbel = rng.gumbel(size=tissue.shape)
+    keys = gumbel if log_weights is None else gumbel + np.asarray(log_weights, dtype=np.float64)
+    keys = np.where(tissue, keys, -np.inf).ravel()
+    n_taken = min(n, n_tissue)
+    top = np.argpartition(-keys, n_taken - 1)[:n_taken]
+    top = top[np.argsort(-keys[top], kind="stable")]
+    reason = None if n_taken == n else f"only {n_taken} of {n} locations: the tissue mask holds {n_tissue} pixels"
+    return SampledLocations(np.stack(np.unravel_index(top, tissue.shape), axis=1), keys[top], reason)
+
+
+def locations_to_level0_boxes(
+    centers_thumb_rc: np.ndarray, downsample: int, tile_level0_px: int, level0_dims: tuple[int, int]
+) -> list[Level0Box]:
+    """Thumbnail (row, col) centres -> level-0 tiles, by the one mapping in ``dual_attention.slides``."""
+    return [
+        thumb_to_level0_box((float(r), float(c)), downsample, tile_level0_px, level0_dims)
+        for r, c in np.asarray(centers_thumb_rc).reshape(-1, 2)
+    ]
