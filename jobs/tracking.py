@@ -1,0 +1,327 @@
+"""MLflow helpers shared by training (jobs/), tuning (tune/), evaluation and serving (serve/).
+
+Where runs go:
+
+- By default a local store under the run folder: ``sqlite:///<run_dir>/mlflow.db`` for runs, metrics and
+  the model registry (aliases included), and ``<run_dir>/mlartifacts`` for artifacts. No server needed.
+- ``MLFLOW_TRACKING_URI`` in the environment, or an explicit ``uri`` (the jobs' ``--mlflow-uri``),
+  points at a real tracking server instead (multi-node runs, where the run folder is not shared).
+
+The final model is registered as an MLflow pyfunc (``DualAttentionPyfunc``): a thin ``PythonModel`` that
+wraps the checkpoint folder written by ``dual_attention.checkpoint.save_checkpoint``. The checkpoint stays
+the one source of truth (it carries the config), so ``load_registered_model`` returns the same
+``(model, config)`` whether it is given ``models:/NAME@ALIAS`` or a checkpoint path.
+
+This module does not import Ray: serve/ and evaluation import it freely.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "dual-attention"
+DEFAULT_ALIAS = "candidate"
+# The artifact folder (inside the logged model) that holds the checkpoint folder.
+CHECKPOINT_ARTIFACT_KEY = "checkpoint"
+# Requirements written into the logged model; listed explicitly because MLflow's inference of them loads
+# the model in a subprocess, which costs seconds and guesses poorly for an editable project.
+PYFUNC_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pandas", "openslide-python", "openslide-bin", "scikit-image"]
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def default_model_name(task: str) -> str:
+    """The registered-model name jobs use unless told otherwise: ``dual-attention-<task>``."""
+    return f"dual-attention-{task}"
+
+
+# -- where runs are stored ---------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(run_dir: str | Path | None = None, uri: str | None = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``run_dir``."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if run_dir is None:
+        raise ValueError("no MLflow tracking URI: pass --mlflow-uri, set MLFLOW_TRACKING_URI, or give a run folder")
+    return sqlite_uri(Path(run_dir) / "mlflow.db")
+
+
+def sqlite_uri(db_path: str | Path) -> str:
+    return f"sqlite:///{Path(db_path).resolve()}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def setup_mlflow(run_dir: str | Path | None = None, uri: str | None = None,
+                 experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Point MLflow at the tracking store and make sure ``experiment`` exists; returns its id.
+
+    For a local store the experiment's artifacts go under ``<run_dir>/mlartifacts`` (an experiment's
+    artifact location is fixed when it is created, so a store shared by several run folders keeps the
+    first one's)."""
+    import mlflow
+
+    tracking_uri = resolve_tracking_uri(run_dir, uri)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        mlflow.set_experiment(experiment_id=found.experiment_id)
+        return found.experiment_id
+    artifact_location = None
+    if run_dir is not None and _is_local_store(tracking_uri):
+        artifact_location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
+    try:
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    except Exception:  # another process created it between our look-up and create
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# -- logging -----------------------------------------------------------------------------------------------
+
+
+def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"loss": {"alpha": 0.5}}`` -> ``{"loss.alpha": "0.5"}`` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def log_config(config: Any, extra: Mapping[str, Any] | None = None) -> None:
+    """Log a ``DualAttentionConfig`` (or its dict) as flattened params, plus its digest and ``extra``."""
+    import mlflow
+
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    params = flatten_params(data)
+    if hasattr(config, "digest"):
+        params["config_digest"] = config.digest()
+    if extra:
+        params.update(flatten_params(extra))
+    mlflow.log_params(params)
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of ``metrics`` (MLflow refuses strings; NaN carries no information)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int) -> None:
+    import mlflow
+
+    values = numeric_metrics(metrics)
+    if values:
+        mlflow.log_metrics(values, step=step)
+
+
+def log_checkpoint(checkpoint_dir: str | Path, artifact_path: str = "checkpoints") -> None:
+    """Log a checkpoint folder as artifacts under ``artifact_path/<folder name>``."""
+    import mlflow
+
+    checkpoint_dir = Path(checkpoint_dir)
+    mlflow.log_artifacts(str(checkpoint_dir), artifact_path=f"{artifact_path}/{checkpoint_dir.name}")
+
+
+def log_pngs(paths: list[str | Path], artifact_path: str) -> None:
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+# -- the registered model ----------------------------------------------------------------------------------
+
+try:  # mlflow is a hard dependency; the guard only keeps this module importable in trimmed environments
+    import mlflow.pyfunc as _pyfunc
+
+    _PythonModelBase: type = _pyfunc.PythonModel
+except ImportError:  # pragma: no cover
+    _PythonModelBase = object
+
+
+class DualAttentionPyfunc(_PythonModelBase):  # type: ignore[misc,valid-type]
+    """MLflow pyfunc around a dual attention checkpoint.
+
+    Input: a DataFrame with a ``slide_path`` column (and an optional integer ``seed`` column). Output: one
+    row per slide with ``predicted_class``, ``predicted_label``, ``confidence``,
+    ``fraction_level0_read`` and one ``prob_<class name>`` column per class. Slides are read in-process
+    with OpenSlide (no Ray), so the registered model is usable on its own, e.g. ``mlflow models predict``.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from dual_attention.checkpoint import load_checkpoint
+
+        self.model, self.config, self.meta = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT_KEY])
+        self.model.eval()
+
+    # No type hints here: MLflow reads predict's hints as a schema and would override the signature.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        import pandas as pd
+
+        if not hasattr(self, "model"):
+            self.load_context(context)
+        if "slide_path" not in model_input.columns:
+            raise ValueError(f"model input needs a 'slide_path' column, got columns {list(model_input.columns)}")
+        rows = []
+        for i, row in enumerate(model_input.itertuples(index=False)):
+            seed = int(getattr(row, "seed", i) if "seed" in model_input.columns else i)
+            rows.append(score_slide_file(self.model, self.config, str(row.slide_path), seed))
+        return pd.DataFrame(rows, columns=output_columns(self.config.class_names))
+
+
+def output_columns(class_names: tuple[str, ...]) -> list[str]:
+    return ["slide_path", "predicted_class", "predicted_label", "confidence", "fraction_level0_read"] + [
+        f"prob_{name}" for name in class_names
+    ]
+
+
+def score_slide_file(model: Any, config: Any, slide_path: str, seed: int) -> dict[str, Any]:
+    """Score one slide file in-process (OpenSlide reads, no Ray): the pyfunc's and tests' route."""
+    import numpy as np
+    import torch
+
+    from dual_attention.pipeline import score_slide
+    from dual_attention.slides import open_slide, tissue_mask
+
+    with open_slide(slide_path) as slide:
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+
+        def read_tiles(boxes: Any) -> np.ndarray:
+            return np.stack([slide.read_box(box) for box in boxes])
+
+        with torch.no_grad():
+            score = score_slide(model, thumbnail, mask, tuple(slide.dimensions), read_tiles, config, seed)
+    out = {
+        "slide_path": slide_path,
+        "predicted_class": int(score.predicted_class),
+        "predicted_label": str(score.predicted_label),
+        "confidence": float(score.confidence),
+        "fraction_level0_read": float(score.fraction_level0_read),
+    }
+    for name, p in zip(config.class_names, score.class_probabilities, strict=True):
+        out[f"prob_{name}"] = float(p)
+    return out
+
+
+def model_signature(class_names: tuple[str, ...]) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "slide_path"), ColSpec("long", "seed", required=False)])
+    outputs = Schema(
+        [ColSpec("string", "slide_path"), ColSpec("long", "predicted_class"), ColSpec("string", "predicted_label"),
+         ColSpec("double", "confidence"), ColSpec("double", "fraction_level0_read")]
+        + [ColSpec("double", f"prob_{name}") for name in class_names]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    alias: str
+    model_uri: str  # models:/NAME@ALIAS
+
+
+def register_model(checkpoint_dir: str | Path, class_names: tuple[str, ...], name: str,
+                   alias: str = DEFAULT_ALIAS, tags: Mapping[str, str] | None = None) -> RegisteredModel:
+    """Log the checkpoint as a pyfunc model in the active run, register it as ``name`` and point
+    ``alias`` at the new version. Needs an active MLflow run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("register_model needs an active MLflow run (mlflow.start_run)")
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=DualAttentionPyfunc(),
+        artifacts={CHECKPOINT_ARTIFACT_KEY: str(Path(checkpoint_dir).resolve())},
+        signature=model_signature(class_names),
+        pip_requirements=PYFUNC_PIP_REQUIREMENTS,
+    )
+    version = mlflow.register_model(info.model_uri, name, tags=dict(tags or {}))
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    return RegisteredModel(name=name, version=str(version.version), alias=alias, model_uri=f"models:/{name}@{alias}")
+
+
+def _find_checkpoint_dir(root: Path) -> Path:
+    """The folder holding ``model.pt`` inside a downloaded model's artifacts."""
+    if (root / "model.pt").is_file():
+        return root
+    found = sorted(root.rglob("model.pt"))
+    if not found:
+        raise FileNotFoundError(f"no model.pt under the downloaded model artifacts at {root}")
+    return found[0].parent
+
+
+def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
+                          download_dir: str | Path | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path -> (model, config, meta).
+
+    ``meta`` has ``name``, ``version``, ``alias`` (None for a bare checkpoint path) and ``source`` (where
+    the checkpoint was read from). The model is in eval mode, on CPU."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from dual_attention.checkpoint import load_checkpoint
+
+    ref_str = str(ref)
+    match = _MODEL_URI.match(ref_str)
+    if match is None:
+        path = Path(ref_str)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model reference '{ref_str}' is neither models:/NAME@ALIAS, models:/NAME/VERSION nor an existing "
+                "checkpoint path"
+            )
+        model, config, _ = load_checkpoint(path)
+        model.eval()
+        return model, config, {"name": None, "version": None, "alias": None, "source": str(path.resolve())}
+
+    uri = tracking_uri or mlflow.get_tracking_uri()  # the latter reads $MLFLOW_TRACKING_URI
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, alias = match["name"], match["alias"]
+    if alias is not None:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        version = client.get_model_version(name, match["version"])
+    target = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dual-attention-model-"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version.version}", dst_path=str(target), tracking_uri=uri, registry_uri=uri
+    )
+    checkpoint_dir = _find_checkpoint_dir(Path(local))
+    model, config, _ = load_checkpoint(checkpoint_dir)
+    model.eval()
+    meta = {"name": name, "version": str(version.version), "alias": alias, "source": str(checkpoint_dir)}
+    return model, config, meta
