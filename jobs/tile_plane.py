@@ -166,6 +166,7 @@ class TilePool:
         self._max_open_slides = max_open_slides
         self._lock = threading.Lock()
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
+        self._n_in_flight = 0
         self._actors = [self._actor_class.remote(max_open_slides) for _ in range(num_actors)]
         self._actor_load = [0] * num_actors  # outstanding batches per actor
         self._next_slot = 0  # round-robin among equally loaded actors
@@ -187,16 +188,20 @@ class TilePool:
         try:
             while next_index < len(batches) or pending:
                 # Submit while the pool has budget; block for budget only when we have nothing to collect.
-                while next_index < len(batches) and self._in_flight.acquire(blocking=not pending):
+                while next_index < len(batches) and self._acquire_slot(blocking=not pending):
                     batch = batches[next_index]
                     next_index += 1
-                    self._submit(batch)
+                    try:
+                        self._submit(batch)
+                    except BaseException:
+                        self._release_slot()
+                        raise
                     pending.append(batch)
                 batch = pending.popleft()
                 try:
                     results = self._collect(batch)
                 finally:
-                    self._in_flight.release()
+                    self._release_slot()
                 for request, result in zip(batch.requests, results, strict=True):
                     if isinstance(result, np.ndarray):
                         self._count_pixels(request)
@@ -207,7 +212,7 @@ class TilePool:
             # An abandoned stream (caller stopped early, or an error) gives its budget back.
             for batch in pending:
                 self._finish(batch)
-                self._in_flight.release()
+                self._release_slot()
 
     def read_tiles_fn(self, slide_path: str | Path, tile_level0_px: int) -> ReadTiles:
         """A plain callable ``(boxes) -> (n, S, S, 3) uint8`` reading square level-0 tiles of one slide
@@ -228,6 +233,11 @@ class TilePool:
             return tiles
 
         return read_tiles
+
+    def in_flight_batches(self) -> int:
+        """Batches submitted and not yet handed to their caller, over the whole pool."""
+        with self._lock:
+            return self._n_in_flight
 
     # -- pixel accounting ---------------------------------------------------------------------------------
     def pixels_read_level0(self, slide_path: str | Path | None = None) -> int:
@@ -280,6 +290,18 @@ class TilePool:
     def _check_open(self) -> None:
         if self._closed:
             raise TilePoolError("the TilePool has been shut down")
+
+    def _acquire_slot(self, blocking: bool) -> bool:
+        if not self._in_flight.acquire(blocking=blocking):
+            return False
+        with self._lock:
+            self._n_in_flight += 1
+        return True
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._n_in_flight -= 1
+        self._in_flight.release()
 
     def _split(self, requests: list[TileRequest]) -> list[_Batch]:
         """Cut requests into batches of at most ``batch_size`` requests and ``max_batch_bytes`` output, and
