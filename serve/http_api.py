@@ -1,0 +1,196 @@
+"""The HTTP API: FastAPI routes, bearer-token check and the mapping of errors to status codes.
+
+The app is built per ingress replica by ``create_http_app(service, settings)``; ``service`` does the
+work (``serve.app.ScoringIngress``). Routes:
+
+- ``GET  /v1/healthz``            liveness/readiness, never needs the token (503 while no model is loaded)
+- ``GET  /v1/model``              name, version, alias, config digest of the served model
+- ``POST /v1/score``              score a slide named relative to the slide root (JSON body)
+- ``POST /v1/score/upload``       score an uploaded slide (multipart, part ``file``)
+- ``GET  /v1/overlay/{score_id}`` PNG of a recent score asked for with ``?overlay=true``
+
+Errors answer ``{"detail": message}``: 401 missing/wrong token, 403 path outside the slide root,
+404 unknown slide or overlay, 413 upload too large, 422 malformed request, unsupported or corrupt
+slide, or no tissue, 503 model not loaded, 500 anything unexpected (logged; the service keeps serving).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from ray.exceptions import RayTaskError
+
+from dual_attention.pipeline import ScoringError
+from dual_attention.slides import SlideError
+from serve.model_source import ModelLoadError
+from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
+from serve.schemas import ErrorResponse, HealthResponse, ModelInfo, ScoreRequest, ScoreResponse
+from serve.settings import ServeSettings
+from serve.stages import ModelNotLoaded, NoTissue
+from serve.uploads import UploadError, UploadTooLarge, slide_upload
+
+logger = logging.getLogger("ray.serve")
+
+HEALTH_PATH = "/v1/healthz"
+
+
+class ScoringService(Protocol):
+    """What the routes need from the ingress deployment."""
+
+    async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
+                    seed: int, overlay: bool, is_upload: bool) -> ScoreResponse: ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def health(self) -> HealthResponse: ...
+
+    async def overlay_png(self, score_id: str) -> bytes | None: ...
+
+
+class ParameterError(ValueError):
+    """A request parameter is out of the server's bounds (HTTP 422)."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception raised in a replica, when it comes back wrapped by Ray."""
+    cause = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else error
+
+
+# Exception type -> HTTP status, first match wins.
+_STATUS: list[tuple[type[BaseException], int]] = [
+    (PathOutsideRoot, 403),
+    (SlideNotFound, 404),
+    (UploadTooLarge, 413),
+    (UploadError, 422),
+    (ParameterError, 422),
+    (SlideError, 422),
+    (NoTissue, 422),
+    (ScoringError, 422),
+    (ModelNotLoaded, 503),
+    (ModelLoadError, 503),
+]
+
+
+def error_response(error: BaseException, slide_name: str | None = None) -> JSONResponse:
+    """A JSON error answer; a ``SlideError`` is reported under the name the client used, not the
+    server-side path."""
+    cause = root_cause(error)
+    for error_type, status in _STATUS:
+        if isinstance(cause, error_type):
+            if isinstance(cause, SlideError):
+                message = f"slide {slide_name or Path(cause.path).name!r}: {cause.reason}"
+            elif isinstance(cause, NoTissue | ScoringError) and slide_name:
+                message = f"slide {slide_name!r}: {cause}"
+            else:
+                message = str(cause)
+            return JSONResponse({"detail": message}, status_code=status)
+    logger.exception("unexpected error while serving a request", exc_info=cause)
+    return JSONResponse({"detail": f"internal error: {type(cause).__name__}: {cause}"}, status_code=500)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [(401, "missing or wrong bearer token"), (403, "slide path outside the slide root"),
+                         (404, "no such slide"), (413, "upload too large"),
+                         (422, "malformed request, unsupported or corrupt slide, or no tissue"),
+                         (503, "model not loaded")]
+}
+
+
+def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI:
+    app = FastAPI(
+        title="Dual attention IHC scoring",
+        version="1",
+        description="Scores HER2 / MMR immunohistochemistry whole-slide images with the dual attention model.",
+    )
+
+    if settings.api_token:
+        expected = settings.api_token.encode()
+
+        @app.middleware("http")
+        async def require_bearer_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                                       ) -> Response:
+            if request.url.path != HEALTH_PATH:
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+                    return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    def check_bounds(n_tiles: int | None, n_glimpses: int | None) -> None:
+        if n_tiles is not None and n_tiles > settings.max_tiles:
+            raise ParameterError(f"n_tiles={n_tiles} exceeds this server's limit of {settings.max_tiles}")
+        if n_glimpses is not None and n_glimpses > settings.max_glimpses:
+            raise ParameterError(f"n_glimpses={n_glimpses} exceeds this server's limit of {settings.max_glimpses}")
+
+    @app.get(HEALTH_PATH, response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def healthz() -> Response:
+        health = await service.health()
+        return JSONResponse(health.model_dump(), status_code=200 if health.model_loaded else 503)
+
+    @app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
+    async def model() -> Any:
+        try:
+            return await service.model_info()
+        except Exception as error:
+            return error_response(error)
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+    async def score(body: ScoreRequest,
+                    overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url")) -> Any:
+        try:
+            check_bounds(body.n_tiles, body.n_glimpses)
+            path = resolve_slide_path(settings.slide_root, body.slide)
+            return await service.score(path, body.slide, body.n_tiles, body.n_glimpses, body.seed, overlay,
+                                       is_upload=False)
+        except Exception as error:
+            return error_response(error, slide_name=body.slide)
+
+    @app.post(
+        "/v1/score/upload",
+        response_model=ScoreResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": f"the slide file, at most {settings.max_upload_bytes} bytes"}},
+        }}}}},
+    )
+    async def score_upload(
+        request: Request,
+        n_tiles: int | None = Query(None, ge=1, description="tiles to sample (N)"),
+        n_glimpses: int | None = Query(None, ge=1, description="glimpses per tile (T)"),
+        seed: int = Query(0, ge=0, le=2**63 - 1),
+        overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url"),
+    ) -> Any:
+        slide_name = None
+        try:
+            check_bounds(n_tiles, n_glimpses)
+            async with slide_upload(request, settings.upload_dir, settings.max_upload_bytes) as upload:
+                slide_name = upload.filename
+                return await service.score(upload.path, upload.filename, n_tiles, n_glimpses, seed, overlay,
+                                           is_upload=True)
+        except Exception as error:
+            return error_response(error, slide_name=slide_name)
+
+    @app.get("/v1/overlay/{score_id}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
+    async def overlay(score_id: str) -> Response:
+        try:
+            png = await service.overlay_png(score_id)
+        except Exception as error:
+            return error_response(error)
+        if png is None:
+            return JSONResponse({"detail": f"no overlay {score_id!r}: unknown, expired from the cache of "
+                                           f"{settings.overlay_cache_size}, or not asked for (overlay=true)"},
+                                status_code=404)
+        return Response(png, media_type="image/png")
+
+    return app

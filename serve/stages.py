@@ -1,0 +1,211 @@
+"""The two model stages as Serve deployments, each scaling on its own.
+
+- ``SoftAttentionStage``: slide -> thumbnail, tissue mask, attention map, level-0 tile boxes
+  (``pipeline.propose_tiles``).
+- ``HardAttentionStage``: tiles -> per-tile class probabilities and glimpse trails
+  (``pipeline.score_tiles``), batched over the tiles of concurrent requests with ``@serve.batch``.
+
+Both load the same pinned model (see ``serve.model_source``). A model that fails to load does not fail
+the replica: the stage keeps the reason and answers every call with ``ModelNotLoaded`` (HTTP 503), so
+the service stays up and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from dual_attention.config import DualAttentionConfig
+from dual_attention.pipeline import TileProposal, TileScore, propose_tiles, score_tiles
+from dual_attention.slides import SlideHandleCache, open_slide, tissue_mask
+from serve.model_source import ModelLoadError, ModelRef, load_model
+from serve.settings import MAX_BATCH_TILES
+
+
+class ModelNotLoaded(RuntimeError):
+    """The stage has no model (it failed to load); the message says why (HTTP 503)."""
+
+
+class NoTissue(ValueError):
+    """Nothing to sample on the slide (HTTP 422)."""
+
+
+def request_config(config: DualAttentionConfig, n_tiles: int | None) -> DualAttentionConfig:
+    """The model's config with a request's N: the sampler keeps its 2N candidates (paper)."""
+    if n_tiles is None or n_tiles == config.sampler.n_tiles:
+        return config
+    return config.with_overrides({"sampler.n_tiles": n_tiles,
+                                  "sampler.n_candidates": max(config.sampler.n_candidates, 2 * n_tiles)})
+
+
+@dataclass
+class SoftResult:
+    proposal: TileProposal
+    level0_dims: tuple[int, int]
+    thumbnail: np.ndarray | None  # kept only when an overlay was asked for
+    thumbnail_s: float
+    propose_s: float
+
+
+@dataclass
+class TileJob:
+    """One request's tiles for the hard-attention stage."""
+
+    tiles: np.ndarray  # (n, S, S, 3) uint8
+    proposal: TileProposal  # boxes and attention weights (the attention map is left out: not needed)
+    n_glimpses: int
+
+
+class _ModelHolder:
+    """Loads the pinned model once; remembers why not if it cannot."""
+
+    def __init__(self, model_ref: ModelRef, tracking_uri: str | None, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.model_ref = model_ref
+        self.model: Any = None
+        self.config: DualAttentionConfig | None = None
+        self.meta: dict[str, Any] = {}
+        self.load_error: str | None = None
+        try:
+            self.model, self.config, self.meta = load_model(model_ref, tracking_uri)
+        except ModelLoadError as error:
+            self.load_error = str(error)
+
+    def require(self) -> tuple[Any, DualAttentionConfig]:
+        if self.model is None or self.config is None:
+            raise ModelNotLoaded(f"model not loaded: {self.load_error}")
+        return self.model, self.config
+
+    def describe(self) -> dict[str, Any]:
+        """Model identity and config for the ingress (raises ``ModelNotLoaded``)."""
+        _, config = self.require()
+        return {
+            "name": self.model_ref.name,
+            "version": self.model_ref.version,
+            "alias": self.model_ref.alias,
+            "uri": self.model_ref.uri,
+            "config": config.to_dict(),
+            "config_digest": config.digest(),
+        }
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
+    max_ongoing_requests=4,
+)
+class SoftAttentionStage:
+    def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
+                 max_open_slides: int = 8) -> None:
+        self.holder = _ModelHolder(model_ref, tracking_uri, torch_threads)
+        self.slides = SlideHandleCache(max_open_slides)
+
+    def describe(self) -> dict[str, Any]:
+        return self.holder.describe()
+
+    def propose(self, slide_path: str, n_tiles: int | None, seed: int, keep_thumbnail: bool = False,
+                cache_handle: bool = True) -> SoftResult:
+        """Raises ``SlideError`` (unreadable slide), ``NoTissue`` or ``ModelNotLoaded``."""
+        model, config = self.holder.require()
+        config = request_config(config, n_tiles)
+        start = time.perf_counter()
+        if cache_handle:
+            thumbnail, level0_dims = self._thumbnail(self.slides.get(slide_path), config)
+        else:  # an upload: its file goes away after the request, so do not keep its handle
+            with open_slide(slide_path) as slide:
+                thumbnail, level0_dims = self._thumbnail(slide, config)
+        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+        thumbnail_s = time.perf_counter() - start
+        if not mask.any():
+            raise NoTissue(f"no tissue found on the slide's thumbnail (1/{config.slide.thumbnail_downsample} "
+                           "of level 0): nothing to score")
+        start = time.perf_counter()
+        proposal = propose_tiles(model, thumbnail, mask, level0_dims, config, seed)
+        propose_s = time.perf_counter() - start
+        if not proposal.level0_boxes:
+            raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
+        return SoftResult(proposal=proposal, level0_dims=level0_dims,
+                          thumbnail=thumbnail if keep_thumbnail else None,
+                          thumbnail_s=thumbnail_s, propose_s=propose_s)
+
+    def _thumbnail(self, slide: Any, config: DualAttentionConfig) -> tuple[np.ndarray, tuple[int, int]]:
+        try:
+            return slide.thumbnail(config.slide.thumbnail_downsample), slide.dimensions
+        except Exception:
+            self.slides.evict(slide.path)  # a failed read may leave the handle unusable
+            raise
+
+
+def _tiles_in(jobs: list[TileJob]) -> int:
+    return sum(len(job.tiles) for job in jobs)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    max_ongoing_requests=16,
+)
+class HardAttentionStage:
+    def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
+                 batch_wait_timeout_s: float = 0.005) -> None:
+        self.holder = _ModelHolder(model_ref, tracking_uri, torch_threads)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        return self.holder.describe()
+
+    async def score(self, job: TileJob) -> tuple[list[TileScore], int]:
+        """The job's tile scores and the number of tiles in the agent batch that scored them."""
+        self.holder.require()
+        return await self._score_batch(job)
+
+    @serve.batch(max_batch_size=MAX_BATCH_TILES, batch_wait_timeout_s=0.005, batch_size_fn=_tiles_in)
+    async def _score_batch(self, jobs: list[TileJob]) -> list[tuple[list[TileScore], int]]:
+        # Tiles of all waiting requests go through the agent together; requests asking for different
+        # T run as separate groups.
+        results: list[tuple[list[TileScore], int] | None] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.n_glimpses, []).append(index)
+        for n_glimpses, indices in groups.items():
+            group = [jobs[i] for i in indices]
+            scores = await asyncio.to_thread(self._score_group, group, n_glimpses)
+            start = 0
+            for i, job in zip(indices, group, strict=True):
+                results[i] = (scores[start:start + len(job.tiles)], len(scores))
+                start += len(job.tiles)
+        return results  # type: ignore[return-value]
+
+    def _score_group(self, jobs: list[TileJob], n_glimpses: int) -> list[TileScore]:
+        model, config = self.holder.require()
+        merged = TileProposal(
+            level0_boxes=[box for job in jobs for box in job.proposal.level0_boxes],
+            attention_weights=np.concatenate([job.proposal.attention_weights for job in jobs]),
+            attention_map=np.zeros((0, 0)),
+            centers_thumb_rc=np.concatenate([job.proposal.centers_thumb_rc for job in jobs]),
+            shortfall_reason=None,
+        )
+        tiles = np.concatenate([job.tiles for job in jobs])
+        return score_tiles(_with_glimpses(model, n_glimpses), tiles, merged, config, seed=0)
+
+
+def _with_glimpses(model: Any, n_glimpses: int) -> Any:
+    """The model, or a view of it whose agent takes ``n_glimpses`` glimpses per tile.
+
+    The agent's weights do not depend on T (it is recurrent), only its loop count does. A shallow copy
+    shares every parameter and submodule and changes only that count, so concurrent requests with other
+    T are unaffected. ``score_tiles`` uses only ``model.agent``.
+    """
+    if n_glimpses == model.agent.n_glimpses:
+        return model
+    agent = copy.copy(model.agent)
+    agent.n_glimpses = n_glimpses
+    return types.SimpleNamespace(agent=agent)
