@@ -1,0 +1,421 @@
+"""Slide-level evaluation of a registered model or checkpoint on a cohort manifest.
+
+``python -m jobs.evaluate --model models:/dual-attention-her2@candidate --manifest cohort/manifest.parquet
+--out runs/eval`` (or ``dual-attention evaluate ...``) writes into ``--out``:
+
+- ``predictions.parquet``: one row per scored slide (label, predicted class, class probabilities,
+  confidence, tiles, level-0 pixels read and their fraction, wall time per slide and its stages);
+- ``tiles.parquet`` and ``glimpses.parquet``: per tile (box, attention, class probabilities) and per glimpse
+  (level-0 centre) records;
+- ``skipped.parquet``: slides that could not be scored, with the reason (a bad slide is never fatal);
+- ``metrics.json``: accuracy, macro F1, AUROC (scikit-learn), and for HER2 the contest's agreement points,
+  weighted confidence and combined points (``dual_attention.metrics``);
+- ``overlays/*.png``: attention map, tiles and glimpse trails of the first ``--overlays`` slides.
+
+How the work is spread: slides are scored one after another in this process, which holds the one copy of
+the model (no model shipping, no per-slide Ray task start-up, and the SAM and agent are small); while a
+slide is scored, a thread pool prepares the next slides' thumbnails and tissue masks (OpenSlide releases
+the GIL); every slide's tiles are read in parallel by the Ray tile plane's reader actors (``TilePool``).
+On a 2-core machine this keeps both cores busy without two model copies competing for them.
+
+The same loop runs the random-sampling baseline (``sampler="random"``, ``jobs/baselines.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.metrics import accuracy_score
+from tqdm import tqdm
+
+from dual_attention import metrics as slide_metrics_lib
+from dual_attention.config import CLASS_NAMES, DualAttentionConfig
+from dual_attention.manifest import ManifestError, read_manifest
+from dual_attention.pipeline import ReadTiles, SlideScore, score_slide
+from dual_attention.slides import open_slide, tissue_mask
+
+# -- per-slide inputs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideInput:
+    """What scoring needs from a slide before any tile is read."""
+
+    thumbnail: np.ndarray  # (h, w, 3) uint8 at 1/downsample of level 0
+    tissue_mask: np.ndarray  # (h, w) bool
+    level0_dims: tuple[int, int]
+    objective_power: float
+    thumbnail_s: float  # time to open the slide and make thumbnail + mask
+
+
+def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int) -> SlideInput:
+    """Open a slide and compute its thumbnail and tissue mask; raises ``SlideError`` for a bad file."""
+    started = time.perf_counter()
+    with open_slide(path) as slide:
+        thumbnail = slide.thumbnail(downsample)
+        dims = tuple(int(v) for v in slide.dimensions)
+        objective = float(slide.info.objective_power)
+    mask = tissue_mask(thumbnail, min_tissue_area_thumb_px)
+    return SlideInput(thumbnail, mask, (dims[0], dims[1]), objective, time.perf_counter() - started)
+
+
+def slide_seed(seed: int, slide_id: str) -> int:
+    """A per-slide seed that does not depend on the order of the manifest."""
+    return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**31 - 1)
+
+
+# -- metrics ------------------------------------------------------------------------------------------------
+
+
+def compute_metrics(labels: Sequence[int], predicted: Sequence[int], probabilities: np.ndarray,
+                    confidences: Sequence[float], task: str) -> dict[str, Any]:
+    """Slide-level metrics (scikit-learn underneath). AUROC is None, with ``auroc_note`` saying why, when
+    the labels hold a single class."""
+    labels_a, predicted_a = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    n = int(labels_a.size)
+    out: dict[str, Any] = {"n_slides": n}
+    if n == 0:
+        return out
+    out["accuracy"] = float(accuracy_score(labels_a, predicted_a))
+    out["f1_macro"] = slide_metrics_lib.f1(labels_a, predicted_a, average="macro")
+    try:
+        out["auroc"] = slide_metrics_lib.auroc(labels_a, np.asarray(probabilities, dtype=np.float64))
+    except ValueError as error:
+        out["auroc"], out["auroc_note"] = None, str(error)
+    if task == "her2":
+        points = slide_metrics_lib.her2_agreement_points(labels_a, predicted_a)
+        out["agreement_points"] = points
+        out["agreement_points_max"] = 15 * n
+        out["agreement_points_per_case"] = points / n
+        out["weighted_confidence"] = slide_metrics_lib.weighted_confidence(labels_a, predicted_a, confidences)
+        out["combined_points"] = slide_metrics_lib.combined_points(labels_a, predicted_a, confidences)
+        out["contest_source"] = slide_metrics_lib.HER2_CONTEST_SOURCE
+    return out
+
+
+def metrics_from_predictions(predictions: Sequence[dict[str, Any]], task: str) -> dict[str, Any]:
+    names = CLASS_NAMES[task]
+    probabilities = np.array([[row[f"prob_{name}"] for name in names] for row in predictions]).reshape(-1, len(names))
+    return compute_metrics([row["label"] for row in predictions], [row["predicted_class"] for row in predictions],
+                           probabilities, [row["confidence"] for row in predictions], task)
+
+
+# -- tables ---------------------------------------------------------------------------------------------------
+
+
+def write_table(rows: Sequence[dict[str, Any]], path: str | Path, schema: pa.Schema | None = None) -> Path:
+    """Rows (dicts with the same keys) as a Parquet file; an empty list writes an empty table of ``schema``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(list(rows)) if rows else (schema or pa.schema([])).empty_table()
+    pq.write_table(table, path)
+    return path
+
+
+SKIPPED_SCHEMA = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("label", pa.int64()),
+                            ("error", pa.string()), ("reason", pa.string())])
+
+
+# -- the evaluation loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationReport:
+    method: str
+    task: str
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    tiles: list[dict[str, Any]] = field(default_factory=list)
+    glimpses: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    out_dir: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Metrics plus the per-slide cost figures (mean wall time, mean fraction of level 0 read)."""
+        out = dict(self.metrics)
+        out |= {"method": self.method, "task": self.task, "n_skipped": len(self.skipped),
+                "elapsed_s": self.elapsed_s}
+        if self.predictions:
+            out["wall_time_per_slide_s"] = float(np.mean([r["wall_time_s"] for r in self.predictions]))
+            out["fraction_level0_read"] = float(np.mean([r["fraction_level0_read"] for r in self.predictions]))
+            out["level0_pixels_read_per_slide"] = float(np.mean([r["level0_pixels_read"] for r in self.predictions]))
+        return out
+
+    def write(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_table(self.predictions, out_dir / "predictions.parquet")
+        write_table(self.tiles, out_dir / "tiles.parquet")
+        write_table(self.glimpses, out_dir / "glimpses.parquet")
+        write_table(self.skipped, out_dir / "skipped.parquet", SKIPPED_SCHEMA)
+        (out_dir / "metrics.json").write_text(json.dumps(self.summary(), indent=2, default=_json_default))
+        self.out_dir = out_dir
+        return out_dir
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def select_rows(manifest_path: str | Path, folds: Sequence[int] | None = None, task: str | None = None
+                ) -> list[dict[str, Any]]:
+    """Manifest rows (absolute paths) in the given folds; refuses rows of another task by name."""
+    rows = read_manifest(manifest_path).to_pylist()
+    if task is not None:
+        other = [r["slide_id"] for r in rows if r["task"] != task]
+        if other:
+            raise ManifestError(manifest_path, f"slides of another task than the model's '{task}': {other[:5]}")
+    if folds is not None:
+        rows = [r for r in rows if int(r["fold"]) in set(folds)]
+    return rows
+
+
+ReadTilesFactory = Callable[[str, int], ReadTiles]  # (slide path, tile side) -> ReadTiles
+PixelCounter = Callable[[str], int]  # slide path -> level-0 pixels read so far
+
+
+def evaluate_rows(
+    model: Any,
+    config: DualAttentionConfig,
+    rows: Sequence[dict[str, Any]],
+    read_tiles_for: ReadTilesFactory,
+    pixels_read: PixelCounter | None = None,
+    *,
+    sampler: str = "attention",
+    seed: int = 0,
+    method: str | None = None,
+    overlay_dir: str | Path | None = None,
+    n_overlays: int = 0,
+    prefetch_threads: int = 2,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score every row's slide; a slide that fails (unreadable file, no tissue, bad tiles) is recorded in
+    ``skipped`` with the error's type and message and the loop goes on."""
+    import torch
+
+    method = method or ("dual-attention" if sampler == "attention" else f"{sampler}-sampling")
+    report = EvaluationReport(method=method, task=config.task)
+    names = config.class_names
+    downsample = config.slide.thumbnail_downsample
+    started = time.perf_counter()
+    overlays_written = 0
+    with ThreadPoolExecutor(max_workers=max(1, prefetch_threads), thread_name_prefix="thumbnails") as executor:
+        futures: list[Future[SlideInput]] = [
+            executor.submit(load_slide_input, row["path"], downsample, config.slide.tissue_min_area_thumb_px)
+            for row in rows
+        ]
+        for row, future in tqdm(zip(rows, futures, strict=True), total=len(rows), desc=f"evaluate ({method})",
+                                unit="slide", disable=not progress):
+            slide_id, path = str(row["slide_id"]), str(row["path"])
+            try:
+                inputs = future.result()
+                pixels_before = pixels_read(path) if pixels_read else 0
+                score_started = time.perf_counter()
+                with torch.no_grad():
+                    score = score_slide(model, inputs.thumbnail, inputs.tissue_mask, inputs.level0_dims,
+                                        read_tiles_for(path, config.tile.tile_level0_px), config,
+                                        slide_seed(seed, slide_id), sampler=sampler)
+                score_s = time.perf_counter() - score_started
+            except Exception as error:  # noqa: BLE001 - one bad slide must not stop the cohort
+                report.skipped.append({"slide_id": slide_id, "path": path, "label": int(row["label"]),
+                                       "error": type(error).__name__, "reason": str(error)})
+                continue
+            pixels = (pixels_read(path) - pixels_before) if pixels_read else score.level0_pixels_read
+            area = inputs.level0_dims[0] * inputs.level0_dims[1]
+            prediction = {
+                "slide_id": slide_id, "path": path, "label": int(row["label"]), "fold": int(row["fold"]),
+                "method": method, "predicted_class": score.predicted_class,
+                "predicted_label": score.predicted_label, "confidence": score.confidence,
+                "correct": bool(score.predicted_class == int(row["label"])), "n_tiles": len(score.tiles),
+                "level0_pixels_read": int(pixels), "fraction_level0_read": pixels / area,
+                "width_level0_px": inputs.level0_dims[0], "height_level0_px": inputs.level0_dims[1],
+                "wall_time_s": inputs.thumbnail_s + score_s, "thumbnail_s": inputs.thumbnail_s, "score_s": score_s,
+            }
+            prediction |= {f"prob_{name}": float(p) for name, p in zip(names, score.class_probabilities, strict=True)}
+            report.predictions.append(prediction)
+            _add_tile_records(report, slide_id, score, names)
+            if overlay_dir is not None and overlays_written < n_overlays:
+                _write_overlay(Path(overlay_dir), slide_id, row, inputs, score, config, method)
+                overlays_written += 1
+    report.elapsed_s = time.perf_counter() - started
+    report.metrics = metrics_from_predictions(report.predictions, config.task)
+    return report
+
+
+def _add_tile_records(report: EvaluationReport, slide_id: str, score: SlideScore, names: Sequence[str]) -> None:
+    for tile_index, tile in enumerate(score.tiles):
+        box = tile.level0_box
+        record = {"slide_id": slide_id, "tile_index": tile_index, "x0": box.x0, "y0": box.y0,
+                  "width": box.width, "height": box.height, "attention_weight": tile.attention_weight,
+                  "predicted_class": tile.predicted_class}
+        record |= {f"prob_{name}": float(p) for name, p in zip(names, tile.class_probabilities, strict=True)}
+        report.tiles.append(record)
+        for glimpse_index, (x, y) in enumerate(tile.glimpse_trail_level0):
+            report.glimpses.append({"slide_id": slide_id, "tile_index": tile_index, "glimpse_index": glimpse_index,
+                                    "x_level0_px": float(x), "y_level0_px": float(y)})
+
+
+def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs: SlideInput, score: SlideScore,
+                   config: DualAttentionConfig, method: str) -> None:
+    from jobs.overlays import save_slide_score_overlay
+
+    names = config.class_names
+    title = (f"{slide_id} ({method}): true {names[int(row['label'])]}, predicted {score.predicted_label} "
+             f"({score.confidence:.2f}), {100 * score.fraction_level0_read:.2f}% of level 0 read")
+    save_slide_score_overlay(overlay_dir / f"{slide_id}.png", inputs.thumbnail, score,
+                             config.slide.thumbnail_downsample, title=title, class_names=names)
+
+
+# -- Ray -----------------------------------------------------------------------------------------------------
+
+
+class RaySession:
+    """``ray.init`` a local instance unless one is running (or ``address`` is given); shut down only what
+    this object started."""
+
+    def __init__(self, num_cpus: int | None = None, address: str | None = None) -> None:
+        import ray
+
+        self.started = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address:
+                kwargs["address"] = address
+            else:
+                # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.
+                kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
+            ray.init(**kwargs)
+            self.started = True
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def evaluate_manifest(
+    model_ref: str | Path | None,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    *,
+    model: Any = None,
+    config: DualAttentionConfig | None = None,
+    folds: Sequence[int] | None = None,
+    sampler: str = "attention",
+    seed: int = 0,
+    num_readers: int = 2,
+    n_overlays: int = 4,
+    method: str | None = None,
+    tracking_uri: str | None = None,
+    pool: Any = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Load the model (``model_ref``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path;
+    or pass ``model`` and ``config``), score the manifest's slides through a ``TilePool`` and write the
+    outputs into ``out_dir``. Uses ``pool`` when given, else starts Ray (if needed) and its own pool."""
+    from jobs.tile_plane import TilePool
+
+    if model is None:
+        from jobs.tracking import load_registered_model
+
+        if model_ref is None:
+            raise ValueError("evaluate_manifest needs model_ref or model and config")
+        model, config, _ = load_registered_model(model_ref, tracking_uri=tracking_uri)
+    if config is None:
+        raise ValueError("evaluate_manifest: a model passed directly needs its config")
+    rows = select_rows(manifest_path, folds, task=config.task)
+    out_dir = Path(out_dir)
+    with RaySession():
+        own_pool = pool is None
+        pool = pool or TilePool(num_actors=num_readers)
+        try:
+            report = evaluate_rows(model, config, rows, pool.read_tiles_fn, pool.pixels_read_level0,
+                                   sampler=sampler, seed=seed, method=method, overlay_dir=out_dir / "overlays",
+                                   n_overlays=n_overlays, progress=progress)
+        finally:
+            if own_pool:
+                pool.shutdown()
+    report.write(out_dir)
+    return report
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def _folds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--folds must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or "python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    parser.add_argument("--manifest", required=True, help="cohort manifest.parquet")
+    parser.add_argument("--out", required=True, help="output folder (Parquet tables, metrics.json, overlays/)")
+    parser.add_argument("--folds", type=_folds, default=None, help="only these folds, e.g. 0 or 0,1 (default: all)")
+    parser.add_argument("--sampler", choices=("attention", "random"), default="attention",
+                        help="tile sampler: the SAM's (default) or the random Gumbel baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-readers", type=int, default=2, help="tile-reader actors")
+    parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N slides")
+    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        report = evaluate_manifest(args.model, args.manifest, args.out, folds=args.folds, sampler=args.sampler,
+                                   seed=args.seed, num_readers=args.num_readers, n_overlays=args.overlays,
+                                   tracking_uri=args.mlflow_uri, progress=not args.quiet)
+    except (ManifestError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0 if report.predictions else 1
+
+
+def print_report(report: EvaluationReport) -> None:
+    summary = report.summary()
+    shown = {k: v for k, v in summary.items() if k != "contest_source"}
+    for key, value in shown.items():
+        if isinstance(value, float) and math.isfinite(value):
+            value = f"{value:.4g}"
+        print(f"{key}: {value}")
+    for skipped in report.skipped:
+        print(f"skipped {skipped['slide_id']} ({skipped['path']}): {skipped['error']}: {skipped['reason']}",
+              file=sys.stderr)
+    if report.out_dir is not None:
+        print(f"outputs in {report.out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
