@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from tile_plane_slides import write_test_pyramid
 
 from dual_attention.slides import Level0Box, SlideError, open_slide
+from dual_attention.synthetic import write_synthetic_slide
 from jobs.tile_plane import TilePool, TileReader, TileRequest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def slide_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 40x (0.25 mpp) three-level pyramid, 2048 x 1536 at level 0."""
-    return str(write_test_pyramid(tmp_path_factory.mktemp("tile_plane") / "slide.tiff", 2048, 1536, seed=7))
+    """A synthetic 40x (0.25 mpp) slide, 2048 x 1536 at level 0, levels at downsample 1, 2, 4."""
+    path = tmp_path_factory.mktemp("tile_plane") / "slide.tiff"
+    write_synthetic_slide(path, "her2", label=2, seed=7, width_level0_px=2048, height_level0_px=1536)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
