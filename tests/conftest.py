@@ -30,6 +30,7 @@ def ray_cluster() -> Iterator[None]:
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a fresh instance even when another `ray start` cluster runs on this machine
             num_cpus=8,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
