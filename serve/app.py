@@ -199,9 +199,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application builder for ``serve run serve.app:build_app key=value ...`` and the config YAML.
 
     ``args`` override the environment by ``ServeSettings`` field name (``model``, ``slide_root``,
-    ``max_upload_mb``, ...); Serve-only keys: ``torch_threads`` (per replica, default 1)."""
+    ``max_upload_mb``, ...); Serve-only keys: ``torch_threads`` (per replica, default 1) and
+    ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
+    moved alias)."""
     args = dict(args or {})
     torch_threads = int(args.pop("torch_threads", 1))
+    args.pop("model_revision", None)
     if "model" in args:
         args["model_uri"] = args.pop("model")
     settings = ServeSettings.from_env(args)
