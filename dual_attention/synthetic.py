@@ -78,7 +78,7 @@ CELL_NONE, CELL_STROMA, CELL_TUMOUR, CELL_LYMPHOCYTE = 0, 1, 2, 3
 _TEXTURE_PX = 509  # prime, so the noise texture never lines up with tiles
 
 # HER2 membrane staining per class: (intensity, fraction of membrane edges stained, half-width px)
-HER2_MEMBRANE = {0: (0.0, 0.0, 1.2), 1: (0.30, 0.40, 1.2), 2: (0.60, 0.97, 1.3), 3: (1.15, 1.0, 1.8)}
+HER2_MEMBRANE = {0: (0.0, 0.0, 1.3), 1: (0.45, 0.40, 1.3), 2: (0.65, 0.97, 1.3), 3: (1.1, 1.0, 1.6)}
 
 
 class SyntheticError(ValueError):
@@ -224,7 +224,7 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         "stroma_cellularity": rng.uniform(0.15, 0.45),
         "nest_sigma_field_px": rng.uniform(3.5, 7.0),  # tumour nests ~ 300-600 level-0 px across
         "haematoxylin_gain": rng.uniform(0.8, 1.2),
-        "dab_gain": rng.uniform(0.85, 1.15),
+        "dab_gain": rng.uniform(0.9, 1.1),
         "debris_level": rng.uniform(0.0, 1.0),
         "cytoplasm_blush": 0.0,
         "tumour_nuclear_dab": 0.0,
@@ -232,9 +232,9 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
     }
     if task == "her2":
         # Diffuse, non-specific cytoplasmic DAB: brown at the thumbnail, smooth (no rings) at high power.
-        params["cytoplasm_blush"] = rng.uniform(0.0, 0.3)
+        params["cytoplasm_blush"] = rng.uniform(0.0, 0.45)
         intensity, completeness, half_width = HER2_MEMBRANE[label]
-        params["membrane_dab"] = intensity * rng.uniform(0.9, 1.1)
+        params["membrane_dab"] = intensity * rng.uniform(0.95, 1.05)
         params["membrane_completeness"] = completeness
         params["membrane_half_width_px"] = half_width
     else:
