@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score
 from tqdm import tqdm
 
@@ -93,9 +95,14 @@ def compute_metrics(labels: Sequence[int], predicted: Sequence[int], probabiliti
     out["accuracy"] = float(accuracy_score(labels_a, predicted_a))
     out["f1_macro"] = slide_metrics_lib.f1(labels_a, predicted_a, average="macro")
     try:
-        out["auroc"] = slide_metrics_lib.auroc(labels_a, np.asarray(probabilities, dtype=np.float64))
+        with warnings.catch_warnings():  # an undefined AUROC is reported below, not warned about
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            out["auroc"] = slide_metrics_lib.auroc(labels_a, np.asarray(probabilities, dtype=np.float64))
     except ValueError as error:
         out["auroc"], out["auroc_note"] = None, str(error)
+    if out["auroc"] is not None and not math.isfinite(out["auroc"]):  # a class absent from the labels
+        missing = sorted(set(range(np.asarray(probabilities).shape[1])) - set(labels_a.tolist()))
+        out["auroc"], out["auroc_note"] = None, f"AUROC undefined: classes {missing} absent from the labels"
     if task == "her2":
         points = slide_metrics_lib.her2_agreement_points(labels_a, predicted_a)
         out["agreement_points"] = points

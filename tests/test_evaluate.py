@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from eval_cohort import write_tiny_her2_cohort
 
 from dual_attention.checkpoint import save_checkpoint
 from dual_attention.config import preset
-from dual_attention.manifest import ManifestError, ManifestRow, write_manifest
+from dual_attention.manifest import ManifestError
 from dual_attention.models import DualAttentionModel
 from jobs.evaluate import compute_metrics, main, select_rows
 
@@ -23,17 +24,7 @@ CONTEST_POINTS = {(0, 0): 15, (0, 1): 15, (0, 2): 10, (0, 3): 0, (1, 0): 15, (1,
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory, shared_slides: Path) -> Path:
     """Four 1024² synthetic HER2 slides (one per class) and the unreadable Aperio file."""
-    from dual_attention.synthetic import write_synthetic_slide
-
-    root = tmp_path_factory.mktemp("cohort")
-    rows = []
-    for label in range(4):
-        path = root / "slides" / f"s{label}.tiff"
-        write_synthetic_slide(path, "her2", label, seed=100 + label, width_level0_px=1024, height_level0_px=1024)
-        rows.append(ManifestRow(f"s{label}", f"slides/s{label}.tiff", label, "her2", fold=label % 2, seed=100 + label))
-    broken = shared_slides / "broken" / "unreadable.svs"
-    rows.append(ManifestRow("broken", str(broken), 2, "her2", fold=0, seed=0))
-    return write_manifest(rows, root / "manifest.parquet")
+    return write_tiny_her2_cohort(tmp_path_factory.mktemp("cohort"), shared_slides / "broken" / "unreadable.svs")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +120,9 @@ def test_compute_metrics_by_hand_on_fixed_predictions() -> None:
     single = compute_metrics([1, 1], [1, 0], np.array([[0.2, 0.8], [0.6, 0.4]]), [0.8, 0.6], "mmr")
     assert single["auroc"] is None and "both" in single["auroc_note"]
     assert "agreement_points" not in single
+    # a class absent from the labels leaves one-vs-rest AUROC undefined: None, with the reason
+    absent = compute_metrics([0, 1, 1], [0, 1, 2], np.eye(4)[[0, 1, 2]] * 0.7 + 0.075, [0.7] * 3, "her2")
+    assert absent["auroc"] is None and "absent" in absent["auroc_note"]
 
 
 def test_select_rows_filters_folds_and_refuses_another_task(tiny_cohort: Path, tmp_path: Path) -> None:
