@@ -522,8 +522,11 @@ class FoldOutcome:
 def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int, *,
              use_gpu: bool, max_failures: int, resume_checkpoint: str | None = None,
              overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
-             fail_at_epoch: int | None = None) -> Any:
-    """One Ray Train run for one validation fold; returns the ``ray.train.Result``."""
+             fail_at_epoch: int | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """One Ray Train run for one validation fold; returns the ``ray.train.Result``.
+
+    ``callbacks`` go to the trainer's ``RunConfig`` (the tuning job passes Tune's ``TuneReportCallback``
+    there, so that every epoch's report reaches Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -549,6 +552,7 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path,
             storage_path=str((run_dir / "ray").resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's overlays reach MLflow
+            callbacks=list(callbacks) or None,
         ),
     )
     return trainer.fit()
