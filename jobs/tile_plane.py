@@ -140,6 +140,7 @@ class TilePool:
         max_task_retries: int = 3,
         max_batch_retries: int = 3,
         scheduling_strategy: str | Any = "SPREAD",
+        start_timeout_s: float = 120.0,
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -172,7 +173,14 @@ class TilePool:
         self._next_slot = 0  # round-robin among equally loaded actors
         self._pixels_level0: dict[str, int] = {}
         self._closed = False
-        ray.get([actor.where.remote() for actor in self._actors])  # fail now if actors cannot start
+        try:  # fail now, with the reason, if the cluster cannot place the actors
+            ray.get([actor.where.remote() for actor in self._actors], timeout=start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise TilePoolError(
+                f"{num_actors} tile-reader actors ({actor_num_cpus} CPU each) did not start within "
+                f"{start_timeout_s:g} s; free cluster resources: {ray.available_resources()}"
+            ) from None
 
     # -- reading ------------------------------------------------------------------------------------------
     def read(self, requests: Sequence[TileRequest]) -> list[np.ndarray | SlideError]:

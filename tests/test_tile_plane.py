@@ -17,7 +17,7 @@ import ray
 
 from dual_attention.slides import Level0Box, SlideError, open_slide
 from dual_attention.synthetic import write_synthetic_slide
-from jobs.tile_plane import TilePool, TileReader, TileRequest
+from jobs.tile_plane import TilePool, TilePoolError, TileReader, TileRequest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +144,24 @@ def test_backpressure_bounds_batches_in_flight(ray_cluster: None, slide_path: st
         assert max(seen_in_flight) <= 2
         assert small_pool.in_flight_batches() == 0
         assert len(small_pool.read(requests)) == 12  # the full budget is usable again
+
+
+def test_concurrent_callers_share_the_pool(pool: TilePool, slide_path: str) -> None:
+    """Serving reads from several threads at once; each caller gets its own tiles, in its own order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    request_lists = [_grid_requests(slide_path, 10)[i::3] for i in range(3)]
+    with ThreadPoolExecutor(max_workers=3) as executor:
+        outputs = list(executor.map(pool.read, request_lists))
+    for requests, results in zip(request_lists, outputs, strict=True):
+        for request, result in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(result, _direct(request))
+    assert pool.in_flight_batches() == 0
+
+
+def test_unplaceable_pool_fails_with_the_reason(ray_cluster: None) -> None:
+    with pytest.raises(TilePoolError, match="did not start within"):
+        TilePool(num_actors=1, actor_num_cpus=1000, start_timeout_s=1)
 
 
 def test_killed_actor_loses_no_requests(ray_cluster: None, slide_path: str) -> None:

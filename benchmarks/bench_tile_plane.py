@@ -1,0 +1,249 @@
+"""Tile-plane benchmark: tiles/s of a raw single-process OpenSlide loop vs the TilePool, same tiles, same
+run; and the memory of the pool while streaming 10,000 tiles.
+
+    .venv/bin/python benchmarks/bench_tile_plane.py                  # full run, prints markdown tables
+    .venv/bin/python benchmarks/bench_tile_plane.py --size 8192 --n-tiles 300 --memory-tiles 1000  # quick
+
+The slide (synthetic, 32768² level 0 = 1.07 gigapixels, 40x JPEG pyramid) is written once into
+``--slide-dir`` (outside git) by ``dual_attention.synthetic.write_synthetic_slide`` and reused.
+
+Throughput: every configuration reads the same seeded random 256² level-0 boxes; the raw loop runs
+before and after the pool runs (the mean is the reference, the spread shows drift from other load).
+``ratio = pool rate / (cores x raw rate)``; ``efficiency = pool rate / (min(actors, cores) x raw rate)``.
+
+Memory: VmRSS / RssAnon / VmHWM from /proc of the driver and every reader actor, sampled every 50 ms while
+10,000 tiles stream through ``TilePool.iter_read`` (bounded in flight) to a consumer that drops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from dual_attention.slides import Level0Box, open_slide  # noqa: E402
+from dual_attention.synthetic import write_synthetic_slide  # noqa: E402
+
+
+def ensure_slide(slide_dir: Path, size: int) -> Path:
+    path = slide_dir / f"synthetic-her2-{size}.tiff"
+    if path.is_file():
+        return path
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    partial = slide_dir / f".partial-{path.name}"
+    print(f"writing {path} ({size}x{size} level 0), once ...", flush=True)
+    started = time.perf_counter()
+    write_synthetic_slide(partial, "her2", label=2, seed=2026, width_level0_px=size, height_level0_px=size,
+                          progress=True)
+    os.replace(partial, path)
+    print(f"  written in {time.perf_counter() - started:.0f} s, {path.stat().st_size / 2**20:.0f} MiB", flush=True)
+    return path
+
+
+def random_boxes(size: int, n: int, tile_px: int, seed: int) -> list[Level0Box]:
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, size - tile_px, size=(n, 2))
+    return [Level0Box(int(x), int(y), tile_px, tile_px) for x, y in xy]
+
+
+def raw_rate(slide_path: Path, boxes: list[Level0Box]) -> float:
+    """One process, one open slide, a plain loop of reads (same read code the actors run)."""
+    with open_slide(slide_path) as slide:
+        started = time.perf_counter()
+        checksum = 0
+        for box in boxes:
+            checksum += int(slide.read_box(box)[0, 0, 0])
+        elapsed = time.perf_counter() - started
+    return len(boxes) / elapsed
+
+
+def pool_rate(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int) -> float:
+    from jobs.tile_plane import TilePool, TileRequest
+
+    requests = [TileRequest(str(slide_path), box) for box in boxes]
+    with TilePool(num_actors=num_actors, batch_size=batch_size, max_in_flight=2 * num_actors) as pool:
+        pool.read(requests[: 4 * num_actors * batch_size])  # warm: actors started, slide open in each
+        started = time.perf_counter()
+        checksum = 0
+        for tile in pool.iter_read(requests):
+            checksum += int(tile[0, 0, 0])
+        elapsed = time.perf_counter() - started
+    return len(boxes) / elapsed
+
+
+# -- memory --------------------------------------------------------------------------------------------------
+
+
+def proc_status_kib(pid: int) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return values
+
+
+def _child_named(name: str) -> int | None:
+    """A child process of this driver with this command name (the local Ray node's raylet)."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if comm == name and ppid == os.getpid():
+            return int(stat_file.parent.name)
+    return None
+
+
+@dataclass
+class MemoryTrace:
+    peak_rss_mib: dict[str, float]
+    peak_anon_mib: dict[str, float]
+    peak_shmem_mib: dict[str, float]
+    start_rss_mib: dict[str, float]
+    rss_at_10pct_mib: dict[str, float]
+    end_rss_mib: dict[str, float]
+    tiles: int
+    seconds: float
+
+
+def memory_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int,
+               max_in_flight: int) -> MemoryTrace:
+    from jobs.tile_plane import TilePool, TileRequest
+
+    requests = [TileRequest(str(slide_path), box) for box in boxes]
+    with TilePool(num_actors=num_actors, batch_size=batch_size, max_in_flight=max_in_flight) as pool:
+        pids = {"driver": os.getpid()}
+        for i, location in enumerate(pool.actor_locations()):
+            pids[f"actor {i}"] = location["pid"]
+        raylet = _child_named("raylet")
+        if raylet is not None:  # hosts the object store (its shared memory shows as RssShmem)
+            pids["raylet (object store)"] = raylet
+        peak_rss = {name: 0.0 for name in pids}
+        peak_anon = {name: 0.0 for name in pids}
+        peak_shmem = {name: 0.0 for name in pids}
+        stop = threading.Event()
+
+        def snapshot() -> dict[str, float]:
+            return {name: proc_status_kib(pid).get("VmRSS", 0) / 1024 for name, pid in pids.items()}
+
+        def sample() -> None:
+            while not stop.is_set():
+                for name, pid in pids.items():
+                    status = proc_status_kib(pid)
+                    peak_rss[name] = max(peak_rss[name], status.get("VmRSS", 0) / 1024)
+                    peak_anon[name] = max(peak_anon[name], status.get("RssAnon", 0) / 1024)
+                    peak_shmem[name] = max(peak_shmem[name], status.get("RssShmem", 0) / 1024)
+                time.sleep(0.05)
+
+        start_rss = snapshot()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        at_10pct: dict[str, float] = {}
+        n = 0
+        for n, tile in enumerate(pool.iter_read(requests), start=1):
+            assert tile.shape == (boxes[0].height, boxes[0].width, 3)
+            if n == len(requests) // 10:
+                at_10pct = snapshot()
+        seconds = time.perf_counter() - started
+        end_rss = snapshot()
+        stop.set()
+        sampler.join()
+    return MemoryTrace(peak_rss, peak_anon, peak_shmem, start_rss, at_10pct, end_rss, n, seconds)
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slide-dir", type=Path, default=Path("/tmp/tile_plane_bench"))
+    parser.add_argument("--size", type=int, default=32768, help="level-0 side of the synthetic slide")
+    parser.add_argument("--tile-px", type=int, default=256)
+    parser.add_argument("--n-tiles", type=int, default=2000, help="tiles per throughput configuration")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size for the actor sweep and memory run")
+    parser.add_argument("--memory-tiles", type=int, default=10000)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    slide_path = ensure_slide(args.slide_dir, args.size)
+    boxes = random_boxes(args.size, args.n_tiles, args.tile_px, args.seed)
+    print(f"slide {slide_path} ({args.size}² level 0, {slide_path.stat().st_size / 2**20:.0f} MiB); "
+          f"{args.n_tiles} random {args.tile_px}² level-0 tiles; cores {args.cores}; load {os.getloadavg()}",
+          flush=True)
+    raw_rate(slide_path, boxes)  # warm the page cache: every run reads from memory, not disk
+    raw_before = raw_rate(slide_path, boxes)
+    print(f"raw single process: {raw_before:.0f} tiles/s", flush=True)
+
+    ray.init(num_cpus=4 * args.cores, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    rows: list[tuple[int, int, float]] = []
+    try:
+        for batch_size in args.batch_sizes:
+            rate = pool_rate(slide_path, boxes, 2, batch_size)
+            rows.append((2, batch_size, rate))
+            print(f"pool 2 actors, batch {batch_size}: {rate:.0f} tiles/s", flush=True)
+        for num_actors in args.actors:
+            if num_actors == 2 and args.batch_size in args.batch_sizes:
+                continue
+            rate = pool_rate(slide_path, boxes, num_actors, args.batch_size)
+            rows.append((num_actors, args.batch_size, rate))
+            print(f"pool {num_actors} actors, batch {args.batch_size}: {rate:.0f} tiles/s", flush=True)
+        raw_after = raw_rate(slide_path, boxes)
+        print(f"raw single process (again): {raw_after:.0f} tiles/s", flush=True)
+        memory_boxes = random_boxes(args.size, args.memory_tiles, args.tile_px, args.seed + 1)
+        trace = memory_run(slide_path, memory_boxes, 2, args.batch_size, max_in_flight=4)
+    finally:
+        ray.shutdown()
+
+    raw = statistics.mean([raw_before, raw_after])
+    print()
+    print(f"Load average at the end: {os.getloadavg()}")
+    print()
+    print(f"Raw single-process loop: {raw_before:.0f} tiles/s before, {raw_after:.0f} after (mean {raw:.0f}).")
+    print()
+    print("| actors | batch size | pool tiles/s | pool ÷ (cores × raw) | pool ÷ (min(actors, cores) × raw) |")
+    print("|---:|---:|---:|---:|---:|")
+    for num_actors, batch_size, rate in sorted(rows):
+        efficiency = rate / (min(num_actors, args.cores) * raw)
+        print(f"| {num_actors} | {batch_size} | {rate:.0f} | {rate / (args.cores * raw):.2f} | {efficiency:.2f} |")
+    print()
+    print(f"Memory, streaming {trace.tiles} tiles ({args.tile_px}², {3 * args.tile_px**2 / 1024:.0f} KiB each, "
+          f"{trace.tiles * 3 * args.tile_px**2 / 2**30:.1f} GiB in all) in {trace.seconds:.1f} s, 2 actors, batch "
+          f"{args.batch_size}, max 4 batches in flight:")
+    print()
+    print("| process | RSS at start (MiB) | RSS after 10% (MiB) | RSS at end (MiB) | peak RSS (MiB) "
+          "| peak private (RssAnon, MiB) | peak shared (RssShmem, MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in trace.peak_rss_mib:
+        print(f"| {name} | {trace.start_rss_mib[name]:.0f} | {trace.rss_at_10pct_mib.get(name, 0):.0f} | "
+              f"{trace.end_rss_mib[name]:.0f} | {trace.peak_rss_mib[name]:.0f} | {trace.peak_anon_mib[name]:.0f} | "
+              f"{trace.peak_shmem_mib[name]:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
