@@ -133,6 +133,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if self.steps_per_epoch < 0:
             raise ConfigError(f"train.steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
+        if self.mode == "separate" and self.epochs < 2:
+            # separate mode trains the SAM for the first ceil(epochs/2) epochs, then the agent
+            raise ConfigError(f"train.epochs must be >= 2 when train.mode is 'separate', got {self.epochs}")
 
 
 @dataclass

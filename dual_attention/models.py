@@ -66,6 +66,10 @@ class SoftAttentionNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool_size = pool_size
         self.to_logit = nn.Conv2d(in_channels, 1, 1)
+        # Start uniform: the sampler then explores all tissue (its mask falls back to the tissue mask for a
+        # constant map) until the attention has learnt where the informative tiles are.
+        nn.init.zeros_(self.to_logit.weight)
+        nn.init.zeros_(self.to_logit.bias)
 
     def logits(self, thumbnail: torch.Tensor) -> torch.Tensor:
         features = self.features(thumbnail)

@@ -1,0 +1,212 @@
+"""Small synthetic tasks that show the networks learn, shared by tests/test_learning.py (CI sizes) and
+benchmarks/bench_learning.py (longer runs with figures). Pure numpy + torch, seeded.
+
+- ``region_label_tiles``: tiles whose label is visible only inside one fixed corner region; the rest is
+  label-free noise. An agent that scores them well must move its glimpses into that region.
+- ``toy_slides``: slides with tissue, a tumour region and label-free normal tissue; the label shows only
+  inside the tumour (its stain colour). A SAM trained by the ATS expectation should move attention mass
+  onto the tumour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dual_attention import losses
+from dual_attention.config import DualAttentionConfig, preset
+from dual_attention.models import DualAttentionModel, HardAttentionAgent, images_to_tensor
+
+# -- agent: label visible only in one region ---------------------------------------------------------------
+
+AGENT_TILE_PX = 64
+LABEL_REGION_PX = 24  # the label shows in tile[:24, :24] (top-left corner), nowhere else
+LABEL_COLOURS = np.array([[200, 40, 40], [40, 40, 200]], dtype=np.float64)  # class 0 red, class 1 blue
+
+
+def agent_toy_config() -> DualAttentionConfig:
+    """A 64² tile, 8² glimpses at two scales (the coarse one 16²): from the tile centre, neither scale
+    sees the label region, so the glimpses must move up and left."""
+    return preset("cpu-small", task="mmr").with_overrides({
+        "tile.tile_level0_px": AGENT_TILE_PX, "agent.glimpse_px": 8, "agent.glimpse_scales": 2,
+        "agent.n_glimpses": 3, "agent.glimpse_hidden": 32, "agent.hidden_size": 64, "agent.context_px": 16,
+        "agent.location_std": 0.3,
+    })
+
+
+def region_label_tiles(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 64, 64, 3) uint8 tiles and (n,) labels in {0, 1}: grey noise everywhere, and in the top-left
+    24² corner a noisy patch of the label's colour."""
+    labels = rng.integers(0, 2, size=n)
+    tiles = rng.normal(128, 30, size=(n, AGENT_TILE_PX, AGENT_TILE_PX, 3))
+    patch = LABEL_COLOURS[labels][:, None, None, :] + rng.normal(0, 20, size=(n, LABEL_REGION_PX, LABEL_REGION_PX, 3))
+    tiles[:, :LABEL_REGION_PX, :LABEL_REGION_PX] = patch
+    return np.clip(tiles, 0, 255).astype(np.uint8), labels
+
+
+def glimpses_in_label_region(locations_xy: np.ndarray, glimpse_px: int) -> np.ndarray:
+    """Boolean per location: does the finest glimpse (side ``glimpse_px``) overlap the label region?"""
+    centre_px = (locations_xy + 1.0) / 2.0 * AGENT_TILE_PX
+    return np.all(centre_px - glimpse_px / 2 < LABEL_REGION_PX, axis=-1)
+
+
+@dataclass
+class AgentEvaluation:
+    accuracy: float  # last-step accuracy, glimpsing at the policy means
+    fraction_in_region: float  # of all glimpses, those overlapping the label region
+    locations_xy: np.ndarray  # (n, T, 2) glimpse locations in [-1, 1]^2
+
+
+def evaluate_agent(agent: HardAttentionAgent, tiles: np.ndarray, labels: np.ndarray, glimpse_px: int) -> AgentEvaluation:
+    with torch.no_grad():
+        output = agent(images_to_tensor(tiles), deterministic=True)
+    predicted = output.class_log_probs[:, -1].argmax(1).numpy()
+    locations = output.locations.numpy()
+    return AgentEvaluation(
+        accuracy=float((predicted == labels).mean()),
+        fraction_in_region=float(glimpses_in_label_region(locations, glimpse_px).mean()),
+        locations_xy=locations,
+    )
+
+
+def train_agent_on_region_task(steps: int, batch_size: int = 32, seed: int = 0, lr: float = 3e-3,
+                               progress: bool = False) -> tuple[AgentEvaluation, AgentEvaluation, list[dict[str, float]]]:
+    """Train the agent alone with L_HA; returns (before, after, per-step terms) on a fixed eval set."""
+    config = agent_toy_config()
+    torch.manual_seed(seed)
+    agent = DualAttentionModel(config).agent
+    rng = np.random.default_rng(seed)
+    eval_tiles, eval_labels = region_label_tiles(256, np.random.default_rng(seed + 10_000))
+    before = evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px)
+    optimiser = torch.optim.Adam(agent.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[dict[str, float]] = []
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="agent toy task")
+    for _ in iterator:
+        tiles, labels = region_label_tiles(batch_size, rng)
+        output = agent(images_to_tensor(tiles), generator=generator)
+        terms = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
+                                    torch.as_tensor(labels), config.agent.glimpse_px / AGENT_TILE_PX,
+                                    config.loss.delta)
+        optimiser.zero_grad()
+        terms.l_ha.backward()
+        optimiser.step()
+        history.append({"l_ha": terms.l_ha.item(), "accuracy": terms.accuracy_last_step})
+    after = evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px)
+    return before, after, history
+
+
+# -- soft attention: label visible only inside the tumour --------------------------------------------------
+
+TOY_DOWNSAMPLE = 8
+TOY_SLIDE_LEVEL0_PX = 256
+TOY_TILE_LEVEL0_PX = 32
+NORMAL_TISSUE_RGB = np.array([230.0, 170.0, 200.0])  # pink, label-free
+BACKGROUND_RGB = np.array([245.0, 245.0, 245.0])
+TUMOUR_STAIN_RGB = np.array([[60.0, 60.0, 170.0], [150.0, 80.0, 30.0]])  # class 0 blue, class 1 brown
+
+
+def sam_toy_config() -> DualAttentionConfig:
+    """256² slides, thumbnails at 1/8 (32²), 32² tiles (4² thumbnail pixels); SAM phase of separate mode."""
+    return preset("cpu-small", task="mmr").with_overrides({
+        "slide.thumbnail_downsample": TOY_DOWNSAMPLE, "tile.tile_level0_px": TOY_TILE_LEVEL0_PX,
+        "tile.feature_input_px": 32, "agent.glimpse_px": 8, "agent.context_px": 16,
+        "soft_attention.attention_mask": "positive", "sampler.n_tiles": 4, "sampler.n_candidates": 8,
+        "sampler.min_distance_thumb_px": 3.0, "train.mode": "separate", "train.epochs": 2,
+    })
+
+
+@dataclass
+class ToySlide:
+    level0_rgb: np.ndarray  # (256, 256, 3) uint8
+    thumbnail: np.ndarray  # (32, 32, 3) uint8, block mean of level 0
+    tissue_mask: np.ndarray  # (32, 32) bool
+    tumour_mask: np.ndarray  # (32, 32) bool, inside tissue
+    label: int
+
+    def read_tiles(self, boxes) -> np.ndarray:
+        return np.stack([self.level0_rgb[b.y0:b.y0 + b.height, b.x0:b.x0 + b.width] for b in boxes])
+
+
+def toy_slide(label: int, rng: np.random.Generator) -> ToySlide:
+    """Tissue: a rectangle covering most of the slide. Tumour: one square of 8-10 thumbnail pixels at a
+    random place inside it, drawn at level 0 as a checkerboard of the label's stain colour and dark
+    nuclei (so it looks darker at low power whatever the label); normal tissue is smooth pink."""
+    side_thumb = TOY_SLIDE_LEVEL0_PX // TOY_DOWNSAMPLE
+    tissue = np.zeros((side_thumb, side_thumb), bool)
+    tissue[2:-2, 2:-2] = True
+    tumour = np.zeros_like(tissue)
+    size = int(rng.integers(8, 11))
+    r0, c0 = rng.integers(2, side_thumb - 2 - size, size=2)
+    tumour[r0:r0 + size, c0:c0 + size] = True
+    level0_tissue = np.kron(tissue, np.ones((TOY_DOWNSAMPLE, TOY_DOWNSAMPLE), bool))
+    level0_tumour = np.kron(tumour, np.ones((TOY_DOWNSAMPLE, TOY_DOWNSAMPLE), bool))
+    image = np.broadcast_to(BACKGROUND_RGB, (TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX, 3)).copy()
+    image[level0_tissue] = NORMAL_TISSUE_RGB
+    yy, xx = np.mgrid[:TOY_SLIDE_LEVEL0_PX, :TOY_SLIDE_LEVEL0_PX]
+    checker = ((yy // 2 + xx // 2) % 2 == 0)
+    image[level0_tumour & checker] = TUMOUR_STAIN_RGB[label]
+    image[level0_tumour & ~checker] = np.array([70.0, 40.0, 90.0])  # dark nuclei
+    image += rng.normal(0, 8, size=image.shape)
+    level0 = np.clip(image, 0, 255).astype(np.uint8)
+    thumbnail = level0.reshape(side_thumb, TOY_DOWNSAMPLE, side_thumb, TOY_DOWNSAMPLE, 3).mean((1, 3))
+    return ToySlide(level0, thumbnail.astype(np.uint8), tissue, tumour, int(label))
+
+
+def tumour_attention_fraction(model: DualAttentionModel, slides: list[ToySlide]) -> float:
+    """Mean over slides of the attention mass on tumour divided by the mass on tissue."""
+    from dual_attention.pipeline import attention_map_of
+
+    fractions = []
+    with torch.no_grad():
+        for slide in slides:
+            attention = attention_map_of(model, slide.thumbnail).numpy()
+            fractions.append(attention[slide.tumour_mask].sum() / attention[slide.tissue_mask].sum())
+    return float(np.mean(fractions))
+
+
+def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0, lr: float = 3e-3,
+                            beta: float | None = None, progress: bool = False
+                            ) -> tuple[float, float, list[dict[str, float]], DualAttentionModel, list[ToySlide]]:
+    """Train the SAM alone through ``pipeline.training_step`` (separate mode, SAM phase).
+
+    Returns (tumour attention fraction before, after, per-step terms, model, eval slides).
+    """
+    from dual_attention.pipeline import SlideBatch, training_step
+
+    config = sam_toy_config()
+    if beta is not None:
+        config = config.with_overrides({"loss.beta": beta})
+    torch.manual_seed(seed)
+    model = DualAttentionModel(config)
+    rng = np.random.default_rng(seed)
+    eval_rng = np.random.default_rng(seed + 10_000)
+    eval_slides = [toy_slide(i % 2, eval_rng) for i in range(16)]
+    before = tumour_attention_fraction(model, eval_slides)
+    optimiser = torch.optim.Adam(model.sam_parameters(), lr=lr)
+    history: list[dict[str, float]] = []
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="SAM toy task")
+    # A fixed pool of training slides, drawn from per step: generating slides costs more than a step.
+    pool = [toy_slide(i % 2, rng) for i in range(4 * slides_per_batch)]
+    for _ in iterator:
+        picked = rng.choice(len(pool), size=slides_per_batch, replace=False)
+        slides = [pool[i] for i in picked]
+        batch = SlideBatch([s.thumbnail for s in slides], [s.tissue_mask for s in slides], [s.label for s in slides],
+                           [(TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX)] * len(slides), [s.read_tiles for s in slides])
+        loss, terms = training_step(model, batch, epoch=0, config=config, rng=rng, augment=True)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        history.append(terms)
+    after = tumour_attention_fraction(model, eval_slides)
+    return before, after, history, model, eval_slides
