@@ -14,6 +14,15 @@ import sys
 # name -> (module with a ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dual_attention.synthetic", "generate a synthetic IHC cohort (pyramidal TIFFs + Parquet manifest)"),
+    "preprocess": ("jobs.preprocess", "thumbnails + tissue masks for a manifest, in parallel, cached"),
+    "train": ("jobs.train", "train the dual attention model with Ray Train, tracked in MLflow"),
+    "evaluate": ("jobs.evaluate", "slide-level evaluation of a registered model or checkpoint"),
+    "baselines": ("jobs.baselines", "random-sampling and sliding-window baselines"),
+    "tune": ("tune.search", "Ray Tune search over alpha, delta, the noise range and learning rates"),
+    "serve": ("serve.cli", "start the HTTP scoring service (Ray Serve) on 127.0.0.1"),
+    "score": ("jobs.score", "score one slide locally: JSON + overlay PNG"),
+    "bench": ("dual_attention_cli.bench", "list or run the benchmarks"),
+    "quickstart": ("dual_attention_cli.quickstart", "the whole product end to end on a small synthetic cohort"),
 }
 
 

@@ -1,0 +1,113 @@
+"""Score one slide locally, without Ray or a server: JSON on stdout (or a file) and an overlay PNG.
+
+    python -m jobs.score --model models:/dual-attention-her2@candidate --slide path/to/slide.svs
+    dual-attention score --model runs/quickstart/checkpoint --slide slide.tiff --overlay overlay.png
+
+Tiles are read straight from the slide with OpenSlide; the result equals the scoring service's for the
+same model and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dual_attention.config import DualAttentionConfig
+from dual_attention.pipeline import ScoringError, SlideScore, score_slide
+from dual_attention.slides import Level0Box, SlideError, open_slide, tissue_mask
+
+
+def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0
+                     ) -> tuple[SlideScore, np.ndarray]:
+    """Both stages on one slide file, tiles read in-process. Returns the score and the thumbnail."""
+    with open_slide(slide_path) as slide:
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+
+        def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
+            return np.stack([slide.read_box(box) for box in boxes])
+
+        with torch.no_grad():
+            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed)
+    return score, thumbnail
+
+
+def slide_score_dict(score: SlideScore, config: DualAttentionConfig) -> dict[str, Any]:
+    """A JSON-ready view of a slide score (the same fields the HTTP API returns)."""
+    return {
+        "predicted_class": int(score.predicted_class),
+        "predicted_label": score.predicted_label,
+        "class_probabilities": dict(zip(config.class_names, map(float, score.class_probabilities), strict=True)),
+        "confidence": float(score.confidence),
+        "fraction_level0_read": float(score.fraction_level0_read),
+        "level0_pixels_read": int(score.level0_pixels_read),
+        "tiles": [
+            {
+                "level0_box": {"x0": t.level0_box.x0, "y0": t.level0_box.y0,
+                               "width": t.level0_box.width, "height": t.level0_box.height},
+                "attention_weight": float(t.attention_weight),
+                "predicted_class": int(t.predicted_class),
+                "class_probabilities": [float(p) for p in t.class_probabilities],
+                "glimpse_trail_level0": [[float(x), float(y)] for x, y in t.glimpse_trail_level0],
+            }
+            for t in score.tiles
+        ],
+    }
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or "python -m jobs.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    parser.add_argument("--slide", required=True, help="slide file (any format OpenSlide reads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlay", default=None, help="write the overlay PNG here (attention, tiles, glimpses)")
+    parser.add_argument("--out", default=None, help="write the JSON here instead of stdout")
+    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    from jobs.tracking import load_registered_model
+
+    try:
+        model, config, meta = load_registered_model(args.model, tracking_uri=args.mlflow_uri)
+    except Exception as error:  # noqa: BLE001 - any load failure is reported the same way
+        print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        score, thumbnail = score_slide_path(model, config, args.slide, args.seed)
+    except SlideError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ScoringError as error:
+        print(f"error: {args.slide}: {error}", file=sys.stderr)
+        return 1
+    result = {"slide": str(args.slide), "model": {k: meta.get(k) for k in ("name", "version", "alias", "source")},
+              "config_digest": config.digest(), "seconds": round(time.perf_counter() - started, 3),
+              **slide_score_dict(score, config)}
+    if args.overlay:
+        from jobs.overlays import save_slide_score_overlay
+
+        save_slide_score_overlay(args.overlay, thumbnail, score, config.slide.thumbnail_downsample,
+                                 title=f"{Path(args.slide).name}: {score.predicted_label}")
+        result["overlay_png"] = str(Path(args.overlay).resolve())
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
