@@ -64,9 +64,17 @@ class SlideInput:
     thumbnail_s: float  # time to open the slide and make thumbnail + mask
 
 
-def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int) -> SlideInput:
-    """Open a slide and compute its thumbnail and tissue mask; raises ``SlideError`` for a bad file."""
+def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int,
+                     cache_dir: str | Path | None = None) -> SlideInput:
+    """Open a slide and compute its thumbnail and tissue mask (or load them from ``jobs.preprocess``'s
+    cache in ``cache_dir``); raises ``SlideError`` for a bad file."""
     started = time.perf_counter()
+    if cache_dir is not None:
+        from jobs.preprocess import ThumbnailParams, load_or_compute_thumbnail
+
+        params = ThumbnailParams(downsample, min_tissue_area_thumb_px)
+        thumbnail, mask, dims = load_or_compute_thumbnail(path, params, cache_dir)
+        return SlideInput(thumbnail, mask, (int(dims[0]), int(dims[1])), float("nan"), time.perf_counter() - started)
     with open_slide(path) as slide:
         thumbnail = slide.thumbnail(downsample)
         dims = tuple(int(v) for v in slide.dimensions)
@@ -211,6 +219,7 @@ def evaluate_rows(
     overlay_dir: str | Path | None = None,
     n_overlays: int = 0,
     prefetch_threads: int = 2,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
     """Score every row's slide; a slide that fails (unreadable file, no tissue, bad tiles) is recorded in
@@ -225,7 +234,8 @@ def evaluate_rows(
     overlays_written = 0
     with ThreadPoolExecutor(max_workers=max(1, prefetch_threads), thread_name_prefix="thumbnails") as executor:
         futures: list[Future[SlideInput]] = [
-            executor.submit(load_slide_input, row["path"], downsample, config.slide.tissue_min_area_thumb_px)
+            executor.submit(load_slide_input, row["path"], downsample, config.slide.tissue_min_area_thumb_px,
+                            cache_dir)
             for row in rows
         ]
         for row, future in tqdm(zip(rows, futures, strict=True), total=len(rows), desc=f"evaluate ({method})",
@@ -304,9 +314,9 @@ class RaySession:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if address:
-                kwargs["address"] = address
-            else:
+            # "local": always a fresh instance of our own, never another engineer's `ray start` cluster
+            kwargs["address"] = address or "local"
+            if not address:
                 # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.
                 kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
             ray.init(**kwargs)
@@ -337,6 +347,7 @@ def evaluate_manifest(
     method: str | None = None,
     tracking_uri: str | None = None,
     pool: Any = None,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
     """Load the model (``model_ref``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path;
@@ -360,7 +371,7 @@ def evaluate_manifest(
         try:
             report = evaluate_rows(model, config, rows, pool.read_tiles_fn, pool.pixels_read_level0,
                                    sampler=sampler, seed=seed, method=method, overlay_dir=out_dir / "overlays",
-                                   n_overlays=n_overlays, progress=progress)
+                                   n_overlays=n_overlays, cache_dir=cache_dir, progress=progress)
         finally:
             if own_pool:
                 pool.shutdown()
@@ -393,6 +404,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--num-readers", type=int, default=2, help="tile-reader actors")
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N slides")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
+    parser.add_argument("--cache-dir", default=None,
+                        help="thumbnail/tissue-mask cache of jobs.preprocess (default: compute, no cache)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -402,7 +415,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         report = evaluate_manifest(args.model, args.manifest, args.out, folds=args.folds, sampler=args.sampler,
                                    seed=args.seed, num_readers=args.num_readers, n_overlays=args.overlays,
-                                   tracking_uri=args.mlflow_uri, progress=not args.quiet)
+                                   tracking_uri=args.mlflow_uri, cache_dir=args.cache_dir,
+                                   progress=not args.quiet)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,349 @@
+"""Cohort study in the shape of the paper's Tables I-II, on synthetic HER2 and MMR cohorts: dual attention
+vs random sampling vs sliding window, and the per-slide cost of each on a gigapixel slide.
+
+    .venv/bin/python benchmarks/bench_cohort_study.py                     # the committed table
+    .venv/bin/python benchmarks/bench_cohort_study.py --n-slides 16 --epochs 2 --skip-giga   # smoke run
+
+Per task (cpu-small preset, ``--n-slides`` slides of ``--slide-px``² at 40x, 4 stratified folds):
+
+1. the cohort is written by ``dual_attention.synthetic.write_cohort`` into ``--work-dir`` (reused if there);
+2. dual attention is trained **in-process** with ``pipeline.training_step`` on folds != ``--test-fold``
+   (the training job's optimiser and class-balanced batches, ``jobs.train.build_optimizer`` and
+   ``class_balanced_batches``; tiles read with OpenSlide in this process). Ray Train's two DDP workers,
+   per-epoch validation and MLflow logging cost minutes on 2 shared cores, and the study has to fit in
+   about 20 minutes; the loss and the model are the same ones ``jobs.train`` uses;
+3. the test fold is scored by ``jobs.evaluate`` (tiles through the Ray tile plane), by the random
+   baseline (same agent, Gumbel tiles over tissue) and by the sliding window (``jobs.baselines``: a
+   ResNet18 trained from scratch on patches of the training folds; 64² patches at 10x, so one patch
+   covers the 256 level-0 px of one cpu-small tile).
+
+Gigapixel slide (``--giga-px``², default 32768² = 1.07 Gpx, HER2 3+): the trained HER2 dual attention
+model and the trained sliding-window ResNet18 score the same slide through the same tile pool; wall time
+includes opening the slide and its thumbnail / low-power view and mask for both.
+
+Prints markdown tables (paste under ``## Cohort study`` in benchmarks/RESULTS.md) and writes them, with
+the raw numbers, to ``--work-dir/cohort_study.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+import torch  # noqa: E402
+
+from dual_attention.checkpoint import save_checkpoint  # noqa: E402
+from dual_attention.config import DualAttentionConfig, preset  # noqa: E402
+from dual_attention.models import DualAttentionModel  # noqa: E402
+from dual_attention.pipeline import ScoringError, SlideBatch, training_step  # noqa: E402
+from dual_attention.slides import SlideHandleCache, tissue_mask  # noqa: E402
+from dual_attention.sliding_window import cpu_small_config, score_slide_sliding_window  # noqa: E402
+from jobs.baselines import (  # noqa: E402
+    evaluate_sliding_window,
+    load_low_power_view,
+    pool_patch_reader,
+    train_sliding_window,
+)
+from jobs.evaluate import RaySession, evaluate_rows, load_slide_input, select_rows  # noqa: E402
+from jobs.train import build_optimizer, class_balanced_batches  # noqa: E402
+
+METHODS = ("dual-attention", "random-sampling", "sliding-window")
+
+
+# -- dual attention training, in-process ---------------------------------------------------------------------
+
+
+def train_dual_attention(config: DualAttentionConfig, rows: list[dict[str, Any]], log: list[str]) -> DualAttentionModel:
+    """``config.train.epochs`` epochs of ``training_step`` over the training rows (one pass per epoch)."""
+    torch.manual_seed(config.train.seed)
+    model = DualAttentionModel(config)
+    optimizer, scheduler = build_optimizer(model, config)
+    slides = SlideHandleCache(max_open=64)
+    inputs = {}
+    for row in rows:
+        slide = slides.get(row["path"])
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        inputs[row["slide_id"]] = (thumbnail, tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px),
+                                   tuple(slide.dimensions))
+
+    def reader(path: str):  # noqa: ANN202
+        def read(boxes):  # noqa: ANN001, ANN202
+            slide = slides.get(path)
+            return np.stack([slide.read_box(box) for box in boxes])
+        return read
+
+    labels = [int(r["label"]) for r in rows]
+    steps = max(1, int(np.ceil(len(rows) / config.train.slides_per_batch)))
+    for epoch in range(config.train.epochs):
+        started = time.perf_counter()
+        plan = class_balanced_batches(labels, config.num_classes, config.train.slides_per_batch, steps,
+                                      np.random.default_rng([config.train.seed, epoch]))
+        model.train()
+        terms_seen = []
+        for step, indices in enumerate(plan):
+            members = [rows[i] for i in indices]
+            batch = SlideBatch(
+                thumbnails=[inputs[m["slide_id"]][0] for m in members],
+                tissue_masks=[inputs[m["slide_id"]][1] for m in members],
+                labels=[int(m["label"]) for m in members],
+                level0_dims=[inputs[m["slide_id"]][2] for m in members],
+                read_tiles=[reader(m["path"]) for m in members],
+                slide_ids=[m["slide_id"] for m in members],
+            )
+            try:
+                loss, terms = training_step(model, batch, epoch, config,
+                                            np.random.default_rng([config.train.seed, epoch, step]))
+            except ScoringError as error:
+                log.append(f"epoch {epoch} step {step}: skipped ({error})")
+                continue
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            terms_seen.append(terms)
+        scheduler.step()
+        mean = {k: float(np.nanmean([t[k] for t in terms_seen])) for k in ("l_j", "tile_accuracy", "sam_accuracy")}
+        line = (f"epoch {epoch}: L_J {mean['l_j']:.3f}, tile acc {mean['tile_accuracy']:.2f}, "
+                f"SAM acc {mean['sam_accuracy']:.2f}, {time.perf_counter() - started:.0f}s")
+        log.append(line)
+        print(f"  [train] {line}", flush=True)
+    return model.eval()
+
+
+# -- one task ------------------------------------------------------------------------------------------------
+
+
+def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
+    from dual_attention.synthetic import write_cohort
+
+    work = Path(args.work_dir) / task
+    manifest = work / "manifest.parquet"
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if not manifest.is_file():
+        write_cohort(work, task, args.n_slides, seed=args.seed, slide_level0_px=args.slide_px, n_folds=4,
+                     progress=False)
+    timings["cohort_s"] = time.perf_counter() - started
+    rows = select_rows(manifest, task=task)
+    train_rows = [r for r in rows if int(r["fold"]) != args.test_fold]
+    test_rows = [r for r in rows if int(r["fold"]) == args.test_fold]
+    print(f"[{task}] {len(train_rows)} training slides, {len(test_rows)} test slides", flush=True)
+
+    config = preset("cpu-small", task=task).with_overrides(
+        {"train.epochs": args.epochs, "train.seed": args.seed} | dict(
+            item.split("=", 1) for item in args.set))
+    log: list[str] = []
+    started = time.perf_counter()
+    model = train_dual_attention(config, train_rows, log)
+    timings["train_dual_attention_s"] = time.perf_counter() - started
+    save_checkpoint(work / "dual_attention_checkpoint", model, config, extra={"trained_by": "bench_cohort_study"})
+
+    reports = {}
+    for sampler, method in (("attention", "dual-attention"), ("random", "random-sampling")):
+        started = time.perf_counter()
+        report = evaluate_rows(model, config, test_rows, pool.read_tiles_fn, pool.pixels_read_level0,
+                               sampler=sampler, seed=args.seed, method=method, progress=False)
+        report.write(work / method)
+        reports[method] = report
+        timings[f"eval_{method}_s"] = time.perf_counter() - started
+
+    window_config = cpu_small_config(task, seed=args.seed)
+    started = time.perf_counter()
+    window_model, window_info = train_sliding_window(train_rows, task, window_config, pool, progress=False)
+    timings["train_sliding_window_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = evaluate_sliding_window(window_model, test_rows, task, window_config, pool, progress=False)
+    report.write(work / "sliding-window")
+    reports["sliding-window"] = report
+    timings["eval_sliding-window_s"] = time.perf_counter() - started
+    for method, rep in reports.items():
+        summary = rep.summary()
+        print(f"[{task}] {method}: accuracy {summary.get('accuracy', float('nan')):.3f}, skipped {len(rep.skipped)}",
+              flush=True)
+    return {"task": task, "config": config, "model": model, "window_model": window_model,
+            "window_config": window_config, "window_info": {k: v for k, v in window_info.items() if k != "skipped"},
+            "summaries": {m: r.summary() for m, r in reports.items()}, "timings": timings, "train_log": log,
+            "n_train": len(train_rows), "n_test": len(test_rows)}
+
+
+# -- the gigapixel slide -------------------------------------------------------------------------------------
+
+
+def gigapixel_timing(her2: dict[str, Any], args: argparse.Namespace, pool: Any) -> dict[str, Any]:
+    from dual_attention.pipeline import score_slide
+    from dual_attention.synthetic import write_synthetic_slide
+
+    path = Path(args.giga_slide) if args.giga_slide else Path(args.work_dir) / f"giga-her2-{args.giga_px}.tiff"
+    if not path.is_file():
+        print(f"[giga] writing {path} ({args.giga_px}² level-0 px)", flush=True)
+        started = time.perf_counter()
+        write_synthetic_slide(path, "her2", 3, args.seed + 77, args.giga_px, args.giga_px)
+        print(f"[giga] written in {time.perf_counter() - started:.0f}s", flush=True)
+    config, model = her2["config"], her2["model"]
+    out: dict[str, Any] = {"path": str(path)}
+
+    pool.reset_pixel_counts(str(path))
+    started = time.perf_counter()
+    inputs = load_slide_input(str(path), config.slide.thumbnail_downsample, config.slide.tissue_min_area_thumb_px)
+    with torch.no_grad():
+        score = score_slide(model, inputs.thumbnail, inputs.tissue_mask, inputs.level0_dims,
+                            pool.read_tiles_fn(str(path), config.tile.tile_level0_px), config, args.seed)
+    da_s = time.perf_counter() - started
+    area = inputs.level0_dims[0] * inputs.level0_dims[1]
+    da_pixels = pool.pixels_read_level0(str(path))
+    out["level0_dims"] = inputs.level0_dims
+    out["dual-attention"] = {"wall_s": da_s, "thumbnail_s": inputs.thumbnail_s, "pixels": da_pixels,
+                             "fraction": da_pixels / area, "units": len(score.tiles),
+                             "predicted": score.predicted_label}
+    print(f"[giga] dual attention: {da_s:.2f}s, {len(score.tiles)} tiles, {100 * da_pixels / area:.4f}% read",
+          flush=True)
+
+    window_config = her2["window_config"]
+    pool.reset_pixel_counts(str(path))
+    started = time.perf_counter()
+    view = load_low_power_view(str(path), window_config)
+    with torch.no_grad():
+        window_score = score_slide_sliding_window(her2["window_model"], view.rgb, view.level0_dims,
+                                                  view.objective_power, pool_patch_reader(pool, str(path),
+                                                                                          window_config),
+                                                  window_config, view.tissue)
+    sw_s = time.perf_counter() - started
+    sw_pixels = pool.pixels_read_level0(str(path))
+    out["sliding-window"] = {"wall_s": sw_s, "thumbnail_s": view.load_s, "pixels": sw_pixels,
+                             "fraction": sw_pixels / area, "units": window_score.n_patches,
+                             "predicted": her2["config"].class_names[window_score.predicted_class],
+                             "timings": window_score.timings_s}
+    print(f"[giga] sliding window: {sw_s:.1f}s, {window_score.n_patches} patches, {100 * sw_pixels / area:.2f}% read",
+          flush=True)
+    out["speedup"] = sw_s / da_s
+    return out
+
+
+# -- tables --------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def tables(results: list[dict[str, Any]], giga: dict[str, Any] | None, args: argparse.Namespace,
+           total_s: float) -> str:
+    lines = [f"Command: `.venv/bin/python benchmarks/bench_cohort_study.py {' '.join(args.argv)}`".rstrip(),
+             f"(whole study {total_s / 60:.1f} min on this 2-core machine shared with other engineers' jobs).", ""]
+    for result in results:
+        task = result["task"]
+        lines += [f"**{task.upper()}**: {result['n_train']} training / {result['n_test']} test slides of "
+                  f"{args.slide_px}² level-0 px (fold {args.test_fold} held out); dual attention trained "
+                  f"{args.epochs} epochs in-process in {result['timings']['train_dual_attention_s']:.0f}s, "
+                  f"ResNet18 (width {result['window_config'].resnet_width}) on "
+                  f"{result['window_info']['n_train_patches']} patches in "
+                  f"{result['timings']['train_sliding_window_s']:.0f}s.", ""]
+        header = "| method | accuracy | macro F1 | AUROC |"
+        rule = "|---|---|---|---|"
+        if task == "her2":
+            header += " agreement pts | combined pts | weighted conf. |"
+            rule += "---|---|---|"
+        header += " wall s / slide | % level 0 read |"
+        rule += "---|---|"
+        lines += [header, rule]
+        for method in METHODS:
+            s = result["summaries"][method]
+            row = f"| {method} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('f1_macro'))} | {_fmt(s.get('auroc'))} |"
+            if task == "her2":
+                row += (f" {s.get('agreement_points', 'n/a')} / {s.get('agreement_points_max', 'n/a')} |"
+                        f" {_fmt(s.get('combined_points'), '.1f')} | {_fmt(s.get('weighted_confidence'))} |")
+            row += f" {_fmt(s.get('wall_time_per_slide_s'), '.2f')} | {_fmt(100 * s.get('fraction_level0_read', np.nan), '.2f')} |"
+            lines.append(row)
+        lines.append("")
+    if giga is not None:
+        da, sw = giga["dual-attention"], giga["sliding-window"]
+        w, h = giga["level0_dims"]
+        lines += [f"**Per-slide cost on one {w}×{h} slide ({w * h / 1e9:.2f} gigapixels), same tile pool, "
+                  "thumbnail / mask included:**", "",
+                  "| method | wall time (s) | of which thumbnail + mask (s) | tiles / patches | level-0 px read | % of level 0 |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in (("dual-attention", da), ("sliding-window", sw)):
+            lines.append(f"| {name} | {d['wall_s']:.2f} | {d['thumbnail_s']:.2f} | {d['units']} | {d['pixels']:,} |"
+                         f" {100 * d['fraction']:.4f} |")
+        lines += ["", f"Speed-up of dual attention over the sliding window on this slide: **{giga['speedup']:.0f}×**.",
+                  ""]
+    lines += targets(results, giga)
+    return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]], giga: dict[str, Any] | None) -> list[str]:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for result in results:
+        s = result["summaries"]
+        da, rs, sw = (s[m].get("accuracy", np.nan) for m in METHODS)
+        gap = 100 * (da - rs)
+        lines.append(f"| {result['task']}: dual attention ≥ random sampling + 15 accuracy points | "
+                     f"{gap:+.1f} points | {'yes' if gap >= 15 else 'no'} |")
+        ratio = da / sw if sw else float("nan")
+        lines.append(f"| {result['task']}: dual attention ≥ 95% of sliding-window accuracy | {100 * ratio:.0f}% | "
+                     f"{'yes' if ratio >= 0.95 else 'no'} |")
+    if giga is not None:
+        lines.append(f"| ≥ 100× faster per slide than sliding window (≥ 1 gigapixel) | {giga['speedup']:.0f}× | "
+                     f"{'yes' if giga['speedup'] >= 100 else 'no'} |")
+        fraction = 100 * giga["dual-attention"]["fraction"]
+        lines.append(f"| ≤ 1% of level-0 pixels read (gigapixel slide) | {fraction:.4f}% | "
+                     f"{'yes' if fraction <= 1 else 'no'} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="her2,mmr")
+    parser.add_argument("--n-slides", type=int, default=48, help="slides per task (4 folds)")
+    parser.add_argument("--slide-px", type=int, default=2048, help="level-0 side of the cohort slides")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--test-fold", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="extra config override SECTION.FIELD=VALUE")
+    parser.add_argument("--giga-px", type=int, default=32768)
+    parser.add_argument("--giga-slide", default=None, help="an existing gigapixel HER2 slide to time on")
+    parser.add_argument("--skip-giga", action="store_true")
+    parser.add_argument("--num-readers", type=int, default=2)
+    parser.add_argument("--work-dir", default="/tmp/cohort-study")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    from jobs.tile_plane import TilePool
+
+    started = time.perf_counter()
+    results = []
+    giga = None
+    with RaySession():
+        pool = TilePool(num_actors=args.num_readers)
+        try:
+            for task in args.tasks.split(","):
+                results.append(run_task(task, args, pool))
+            her2 = next((r for r in results if r["task"] == "her2"), None)
+            if her2 is not None and not args.skip_giga:
+                giga = gigapixel_timing(her2, args, pool)
+        finally:
+            pool.shutdown()
+    total_s = time.perf_counter() - started
+    text = tables(results, giga, args, total_s)
+    print(text)
+    (Path(args.work_dir) / "cohort_study.md").write_text(text + "\n")
+    raw = {"args": {k: v for k, v in vars(args).items()}, "total_s": total_s, "giga": giga,
+           "tasks": [{k: v for k, v in r.items() if k not in ("config", "model", "window_model", "window_config")}
+                     | {"window_config": r["window_config"].to_dict()} for r in results]}
+    (Path(args.work_dir) / "cohort_study.json").write_text(json.dumps(raw, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
