@@ -85,16 +85,24 @@ class ScoringIngress:
         self.hard = hard
         self.settings = settings
         self.overlays = OverlayCache(settings.overlay_cache_size)
-        self.tile_pool = TilePool(num_actors=settings.tile_readers, actor_num_cpus=0.25)
+        self._tile_pool: TilePool | None = None  # started on the first scoring request
+        self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(self, self.settings)
 
     def __del__(self) -> None:
-        pool = getattr(self, "tile_pool", None)
+        pool = getattr(self, "_tile_pool", None)
         if pool is not None:
             pool.shutdown()
+
+    def tile_pool(self) -> TilePool:
+        """The reader actors, started on first use: a service whose model failed to load never needs them."""
+        with self._tile_pool_lock:
+            if self._tile_pool is None:
+                self._tile_pool = TilePool(num_actors=self.settings.tile_readers, actor_num_cpus=0.25)
+            return self._tile_pool
 
     # -- the model -------------------------------------------------------------------------------------
     async def _describe(self) -> dict[str, Any]:
@@ -133,8 +141,8 @@ class ScoringIngress:
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        read_tiles = self.tile_pool.read_tiles_fn(str(slide_path), config.tile.tile_level0_px)
-        tiles = await asyncio.to_thread(read_tiles, soft.proposal.level0_boxes)
+        tiles = await asyncio.to_thread(self._read_tiles, str(slide_path), config.tile.tile_level0_px,
+                                        soft.proposal.level0_boxes)
         tile_read_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -182,6 +190,9 @@ class ScoringIngress:
                                  total_s=time.perf_counter() - started),
             overlay_url=overlay_url,
         )
+
+    def _read_tiles(self, slide_path: str, tile_level0_px: int, boxes: list) -> np.ndarray:
+        return self.tile_pool().read_tiles_fn(slide_path, tile_level0_px)(boxes)
 
     async def overlay_png(self, score_id: str) -> bytes | None:
         inputs = self.overlays.get(score_id)

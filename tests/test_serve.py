@@ -1,0 +1,328 @@
+"""The scoring service over real HTTP: Serve on 127.0.0.1, a random-initialised cpu-small model.
+
+Two applications run side by side on one Serve instance: the main one (bearer token on, uploads limited
+to 4 MiB) and one whose checkpoint is corrupt (every model route must answer 503 and keep serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+
+from dual_attention.checkpoint import load_checkpoint, save_checkpoint
+from dual_attention.config import preset
+from dual_attention.models import DualAttentionModel
+from dual_attention.pipeline import SlideScore, score_slide
+from dual_attention.slides import open_slide, tissue_mask
+from dual_attention.synthetic import write_synthetic_slide
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-" + uuid.uuid4().hex
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_UPLOAD_MB = 4
+
+
+@dataclass
+class Service:
+    url: str
+    slide_root: Path
+    upload_dir: Path
+    checkpoint: Path
+    outside_slide: Path
+
+    def client(self, token: bool = True) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=AUTH if token else {}, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_blank_slide(path: Path) -> None:
+    """A tiled TIFF of white glass only: it opens, but has no tissue."""
+    tifffile.imwrite(path, np.full((1024, 1024, 3), 255, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="zlib")
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from ray import serve
+
+    from serve.app import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    slide_root, upload_dir, outside = tmp / "slides", tmp / "uploads", tmp / "outside"
+    for folder in (slide_root, upload_dir, outside):
+        folder.mkdir()
+    config = preset("cpu-small")
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp / "checkpoint", DualAttentionModel(config).eval(), config).parent
+    write_synthetic_slide(slide_root / "her2-2.tiff", "her2", label=2, seed=1,
+                          width_level0_px=2048, height_level0_px=2048)
+    write_synthetic_slide(outside / "secret.tiff", "her2", label=0, seed=2,
+                          width_level0_px=512, height_level0_px=512)
+    _write_blank_slide(slide_root / "blank.tiff")
+    (slide_root / "notes.svs").write_text("this is not a slide\n")
+    (slide_root / "truncated.tiff").write_bytes((slide_root / "her2-2.tiff").read_bytes()[:4096])
+    (slide_root / "escape.tiff").symlink_to(outside / "secret.tiff")
+    (slide_root / "alias.tiff").symlink_to(slide_root / "her2-2.tiff")
+    broken_checkpoint = tmp / "broken-checkpoint"
+    broken_checkpoint.mkdir()
+    (broken_checkpoint / "model.pt").write_bytes(b"not a torch file")
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"slide_root": str(slide_root), "upload_dir": str(upload_dir), "tile_readers": 1}
+    good = build_app({**common, "model": str(checkpoint), "api_token": TOKEN, "max_upload_mb": MAX_UPLOAD_MB})
+    broken = build_app({**common, "model": str(broken_checkpoint)})
+    # Both at once: their replicas start in parallel.
+    serve.run_many([serve.RunTarget(good, name="dual-attention-test", route_prefix="/"),
+                    serve.RunTarget(broken, name="broken-model", route_prefix="/broken")])
+    try:
+        yield Service(url=f"http://127.0.0.1:{port}", slide_root=slide_root, upload_dir=upload_dir,
+                      checkpoint=checkpoint, outside_slide=outside / "secret.tiff")
+    finally:
+        serve.shutdown()
+
+
+def _in_process(checkpoint: Path, slide_path: Path, seed: int, overrides: dict | None = None) -> SlideScore:
+    """pipeline.score_slide with the same weights, reading the slide directly (no Ray); ``overrides``
+    change N or T (a model built for that config, with the checkpoint's weights)."""
+    model, config, _ = load_checkpoint(checkpoint)
+    if overrides:
+        config = config.with_overrides(overrides)
+        state = model.state_dict()
+        model = DualAttentionModel(config).eval()
+        model.load_state_dict(state)
+    with open_slide(slide_path) as slide:
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+        return score_slide(model, thumbnail, mask, slide.dimensions,
+                           lambda boxes: np.stack([slide.read_box(box) for box in boxes]), config, seed)
+
+
+def _assert_same_score(answer: dict, expected: SlideScore) -> None:
+    assert answer["predicted_class"] == expected.predicted_class
+    assert answer["predicted_label"] == expected.predicted_label
+    np.testing.assert_allclose(answer["class_probabilities"], expected.class_probabilities, atol=1e-5)
+    assert answer["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
+    assert answer["fraction_level0_read"] == pytest.approx(expected.fraction_level0_read)
+    assert answer["level0_pixels_read"] == expected.level0_pixels_read
+    assert len(answer["tiles"]) == len(expected.tiles) > 0
+    for got, want in zip(answer["tiles"], expected.tiles, strict=True):
+        assert got["level0_box"] == vars(want.level0_box)
+        assert got["attention_weight"] == pytest.approx(want.attention_weight, rel=1e-6)
+        assert got["predicted_class"] == want.predicted_class
+        np.testing.assert_allclose(got["class_probabilities"], want.class_probabilities, atol=1e-5)
+        np.testing.assert_allclose(got["glimpse_trail_level0"], want.glimpse_trail_level0, atol=1e-2)
+
+
+def _leftover_uploads(service: Service) -> list[str]:
+    return [str(p) for p in service.upload_dir.rglob("*")]
+
+
+# -- results ---------------------------------------------------------------------------------------------
+
+
+def test_http_score_equals_in_process_scoring(service: Service) -> None:
+    with service.client() as client:
+        answer = client.post("/v1/score", json={"slide": "her2-2.tiff", "seed": 3})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        _assert_same_score(body, _in_process(service.checkpoint, service.slide_root / "her2-2.tiff", seed=3))
+        config = preset("cpu-small")
+        assert body["n_tiles"] == config.sampler.n_tiles and body["n_glimpses"] == config.agent.n_glimpses
+        assert body["level0_dimensions"] == [2048, 2048]
+        assert all(len(tile["glimpse_trail_level0"]) == config.agent.n_glimpses for tile in body["tiles"])
+        assert set(body["timings"]) >= {"soft_attention_s", "tile_read_s", "hard_attention_s", "total_s"}
+        assert body["timings"]["total_s"] >= body["timings"]["hard_attention_s"] > 0
+
+        model = client.get("/v1/model").json()
+        _, config, _ = load_checkpoint(service.checkpoint)
+        assert model["config_digest"] == config.digest() == body["model"]["config_digest"]
+        assert model["name"] == "checkpoint" and model["version"] is None and model["task"] == "her2"
+
+
+def test_request_parameters_match_in_process(service: Service) -> None:
+    """N and T from the request: the same as in-process scoring with a config of that N and T."""
+    with service.client() as client:
+        answer = client.post("/v1/score", json={"slide": "her2-2.tiff", "seed": 5, "n_tiles": 2, "n_glimpses": 2})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["n_tiles"] == 2 and body["n_glimpses"] == 2 and len(body["tiles"]) == 2
+    assert all(len(tile["glimpse_trail_level0"]) == 2 for tile in body["tiles"])
+    # cpu-small keeps 8 candidates, more than 2N = 4, so only n_tiles changes in the sampler
+    expected = _in_process(service.checkpoint, service.slide_root / "her2-2.tiff", seed=5,
+                           overrides={"sampler.n_tiles": 2, "agent.n_glimpses": 2})
+    _assert_same_score(body, expected)
+
+
+def test_upload_scores_like_the_named_slide_and_is_removed(service: Service) -> None:
+    slide = service.slide_root / "her2-2.tiff"
+    with service.client() as client:
+        named = client.post("/v1/score", json={"slide": "her2-2.tiff", "seed": 1}).json()
+        with slide.open("rb") as handle:
+            answer = client.post("/v1/score/upload", params={"seed": 1},
+                                 files={"file": ("case 17.tiff", handle, "image/tiff")})
+    assert answer.status_code == 200, answer.text
+    uploaded = answer.json()
+    assert uploaded["slide"] == "case 17.tiff"
+    _assert_same_score(uploaded, _in_process(service.checkpoint, slide, seed=1))
+    assert uploaded["tiles"] == named["tiles"]
+    assert _leftover_uploads(service) == []
+
+
+def test_overlay_png_of_a_recent_score(service: Service) -> None:
+    with service.client() as client:
+        body = client.post("/v1/score", params={"overlay": "true"}, json={"slide": "her2-2.tiff"}).json()
+        assert body["overlay_url"] == f"/v1/overlay/{body['score_id']}"
+        png = client.get(body["overlay_url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n") and len(png.content) > 1000
+        without = client.post("/v1/score", json={"slide": "her2-2.tiff"}).json()
+        assert without["overlay_url"] is None
+        assert client.get(f"/v1/overlay/{without['score_id']}").status_code == 404
+        assert client.get("/v1/overlay/no-such-id").status_code == 404
+
+
+def test_eight_concurrent_requests_all_succeed(service: Service) -> None:
+    async def score_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, headers=AUTH, timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/score", json={"slide": "her2-2.tiff", "seed": i % 2}) for i in range(8)])
+
+    answers = asyncio.run(score_all())
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers if a.status_code != 200]
+    bodies = [a.json() for a in answers]
+    for i, body in enumerate(bodies):  # batched with other requests, still the same answer per seed
+        assert body["tiles"] == bodies[i % 2]["tiles"]
+        assert body["class_probabilities"] == pytest.approx(bodies[i % 2]["class_probabilities"], abs=1e-6)
+    assert len({b["score_id"] for b in bodies}) == 8
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+def _chunked_upload(total_bytes: int) -> Iterator[bytes]:
+    """A multipart body sent without Content-Length (chunked), so the server must count while streaming."""
+    yield b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.svs"\r\n\r\n'
+    chunk = b"\0" * (256 * 1024)
+    for _ in range(total_bytes // len(chunk)):
+        yield chunk
+    yield b"\r\n--XyZ--\r\n"
+
+
+ERROR_CASES = [
+    # (description, request kwargs for client.post, expected status, text the message must contain)
+    ("dot-dot", {"url": "/v1/score", "json": {"slide": "../outside/secret.tiff"}}, 403, ".."),
+    ("absolute", {"url": "/v1/score", "json": {"slide": "/etc/passwd"}}, 403, "absolute"),
+    ("symlink out of the root", {"url": "/v1/score", "json": {"slide": "escape.tiff"}}, 403, "outside"),
+    ("unknown slide", {"url": "/v1/score", "json": {"slide": "no-such-slide.svs"}}, 404, "no-such-slide.svs"),
+    ("not a slide", {"url": "/v1/score", "json": {"slide": "notes.svs"}}, 422, "unsupported"),
+    ("truncated slide", {"url": "/v1/score", "json": {"slide": "truncated.tiff"}}, 422, "truncated.tiff"),
+    ("no tissue", {"url": "/v1/score", "json": {"slide": "blank.tiff"}}, 422, "no tissue"),
+    ("missing field", {"url": "/v1/score", "json": {"seed": 1}}, 422, "slide"),
+    ("unknown field", {"url": "/v1/score", "json": {"slide": "her2-2.tiff", "tiles": 3}}, 422, "tiles"),
+    ("bad n_tiles", {"url": "/v1/score", "json": {"slide": "her2-2.tiff", "n_tiles": 0}}, 422, "n_tiles"),
+    ("n_tiles over limit", {"url": "/v1/score", "json": {"slide": "her2-2.tiff", "n_tiles": 500}}, 422, "limit"),
+    ("not JSON", {"url": "/v1/score", "content": b"{slide:", "headers": {"content-type": "application/json"}},
+     422, "json"),
+    ("upload too large", {"url": "/v1/score/upload",
+                          "files": {"file": ("big.svs", b"\0" * ((MAX_UPLOAD_MB + 1) * 2**20))}}, 413, "limit"),
+    ("chunked upload too large", {"url": "/v1/score/upload", "content": _chunked_upload((MAX_UPLOAD_MB + 1) * 2**20),
+                                  "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}, 413, "limit"),
+    ("upload without file", {"url": "/v1/score/upload", "data": {"x": "1"},
+                             "files": {"other": ("a.txt", b"abc")}}, 422, "'file'"),
+    ("upload not multipart", {"url": "/v1/score/upload", "json": {"slide": "x"}}, 422, "multipart"),
+    ("corrupt upload", {"url": "/v1/score/upload", "files": {"file": ("scan 3.svs", os.urandom(50_000))}}, 422,
+     "scan 3.svs"),
+]
+
+
+def test_every_error_case_then_a_good_request(service: Service) -> None:
+    with service.client() as client:
+        for description, request, status, needle in ERROR_CASES:
+            answer = client.post(**request)
+            assert answer.status_code == status, (description, answer.text)
+            assert needle.lower() in answer.text.lower(), (description, answer.text)
+            assert str(service.slide_root) not in answer.text, (description, "server path leaked", answer.text)
+        assert _leftover_uploads(service) == []
+        assert client.post("/v1/score", json={"slide": "alias.tiff"}).status_code == 200  # symlink inside
+        good = client.post("/v1/score", json={"slide": "her2-2.tiff"})
+        assert good.status_code == 200, good.text
+        assert client.get("/v1/healthz").json()["status"] == "ok"
+
+
+def test_shared_broken_slide_upload_names_the_cause(service: Service, shared_slides: Path) -> None:
+    """A real slide that opens but whose tiles cannot be decoded: 422 with OpenSlide's reason."""
+    with service.client() as client, (shared_slides / "broken" / "unreadable.svs").open("rb") as handle:
+        answer = client.post("/v1/score/upload", files={"file": ("unreadable.svs", handle)})
+    assert answer.status_code == 422, answer.text
+    assert "unreadable.svs" in answer.text and "Bogus marker length" in answer.text
+    assert _leftover_uploads(service) == []
+
+
+def test_model_not_loaded_answers_503_and_keeps_serving(service: Service) -> None:
+    with service.client(token=False) as client:  # the broken app has no token configured
+        health = client.get("/broken/v1/healthz")
+        assert health.status_code == 503 and health.json()["model_loaded"] is False
+        assert "not a readable checkpoint" in health.json()["detail"]
+        for _ in range(2):
+            answer = client.post("/broken/v1/score", json={"slide": "her2-2.tiff"})
+            assert answer.status_code == 503 and "model not loaded" in answer.text, answer.text
+        assert client.get("/broken/v1/model").status_code == 503
+        assert client.post("/broken/v1/score", json={"slide": "../x"}).status_code == 403  # checks still apply
+    with service.client() as client:
+        assert client.post("/v1/score", json={"slide": "her2-2.tiff"}).status_code == 200
+
+
+# -- authentication --------------------------------------------------------------------------------------
+
+
+def test_bearer_token_required_everywhere_but_healthz(service: Service) -> None:
+    with service.client(token=False) as client:
+        assert client.get("/v1/healthz").status_code == 200
+        for method, path in [("POST", "/v1/score"), ("GET", "/v1/model"), ("GET", "/v1/overlay/x"),
+                             ("POST", "/v1/score/upload"), ("GET", "/openapi.json"), ("GET", "/docs")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                answer = client.request(method, path, headers=headers, json={"slide": "her2-2.tiff"})
+                assert answer.status_code == 401, (method, path, headers, answer.text)
+                assert answer.headers["www-authenticate"] == "Bearer"
+        answer = client.post("/v1/score", headers=AUTH, json={"slide": "her2-2.tiff"})
+        assert answer.status_code == 200
+        openapi = client.get("/openapi.json", headers=AUTH).json()
+    assert {"/v1/score", "/v1/score/upload", "/v1/model", "/v1/healthz", "/v1/overlay/{score_id}"} <= set(openapi["paths"])
+    assert "ScoreResponse" in openapi["components"]["schemas"]
+
+
+# -- deployment config -----------------------------------------------------------------------------------
+
+
+def test_serve_config_yaml_is_a_valid_deploy_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import ScoringIngress, build_app  # noqa: F401 - the import path must resolve
+    from serve.stages import HardAttentionStage, SoftAttentionStage
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((PROJECT_ROOT / "serve" / "config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    names = {d.name for d in app.deployments}
+    assert names == {ScoringIngress.name, SoftAttentionStage.name, HardAttentionStage.name}
+    for deployment in app.deployments:
+        assert 0 < deployment.ray_actor_options.num_cpus < 1  # fractional: the machine has 2 cores
