@@ -80,6 +80,8 @@ class TileConfig:
 
     def validate(self) -> None:
         _positive(self, "tile_level0_px", "feature_input_px", "feature_channels", "feature_layers")
+        if self.feature_layers < 3:
+            raise ConfigError(f"tile.feature_layers must be >= 3 (stem + one residual block), got {self.feature_layers}")
 
 
 @dataclass

@@ -98,8 +98,9 @@ class ResidualBlock(nn.Module):
 class TileFeatureNet(nn.Module):
     """f_f: tiles (n, 3, S, S) in [0, 1] -> features (n, channels).
 
-    ``layers`` conv layers in all: a stride-2 stem, then residual blocks of two convs with a 2x max-pool
-    between blocks, then global average pooling. No batch norm: batches are a handful of tiles.
+    ``layers`` conv layers in all: a stride-2 stem, residual blocks of two convs with a 2x max-pool
+    between blocks, and (when ``layers`` is even) one last 3x3 conv; then global average pooling.
+    No batch norm: batches are a handful of tiles.
     """
 
     def __init__(self, input_px: int, channels: int, layers: int) -> None:
@@ -107,7 +108,10 @@ class TileFeatureNet(nn.Module):
         self.input_px = input_px
         self.out_features = channels
         self.stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
-        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range(max(1, (layers - 1) // 2)))
+        if layers < 3:
+            raise ValueError(f"tile.feature_layers must be >= 3 (stem + one residual block), got {layers}")
+        self.blocks = nn.ModuleList(ResidualBlock(channels) for _ in range((layers - 1) // 2))
+        self.last = nn.Conv2d(channels, channels, 3, padding=1) if (layers - 1) % 2 else None
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         if tiles.shape[-1] != self.input_px or tiles.shape[-2] != self.input_px:
@@ -118,6 +122,8 @@ class TileFeatureNet(nn.Module):
             if i > 0 and min(x.shape[-2:]) >= 4:
                 x = F.max_pool2d(x, 2)
             x = block(x)
+        if self.last is not None:
+            x = F.relu(self.last(x))
         return x.mean(dim=(2, 3))
 
 

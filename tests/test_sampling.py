@@ -1,0 +1,161 @@
+"""The tile sampler: normalisation, masks, noise inside the mask only, spacing, seeding, shortfalls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dual_attention.config import SamplerConfig
+from dual_attention.sampling import (
+    attention_region,
+    greedy_spread,
+    locations_to_level0_boxes,
+    normalise_attention,
+    random_locations,
+    sample_locations,
+)
+from dual_attention.slides import thumb_to_level0_box
+
+
+def _blob_attention(shape=(40, 50), centres=((10, 12), (30, 35)), width=4.0) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    logits = sum(np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * width**2)) for r, c in centres)
+    attention = np.exp(3 * logits)
+    return attention / attention.sum()
+
+
+def test_normalise_attention_lies_in_zero_one_exclusive_inclusive() -> None:
+    values = normalise_attention(np.array([[0.2, 0.5], [0.8, 0.2]]))
+    assert values.max() == 1.0 and values.min() > 0 and values.min() < 1e-5
+    assert np.all(normalise_attention(np.full((3, 3), 0.1)) == 1.0)
+
+
+def test_positive_region_is_otsu_inside_tissue() -> None:
+    attention = normalise_attention(_blob_attention())
+    tissue = np.zeros_like(attention, bool)
+    tissue[:, :25] = True  # only the first blob is on tissue
+    region = attention_region(attention, tissue, "positive")
+    assert region.any() and not np.any(region & ~tissue)
+    assert region[10, 12] and not region[0, 0]
+    assert attention[region].min() > attention[tissue & ~region].max()
+
+
+def test_tumour_region_keeps_the_highest_of_three_clusters() -> None:
+    values = np.zeros((6, 6))
+    values[:2] = 0.1
+    values[2:4] = 0.5
+    values[4:] = 1.0
+    tissue = np.ones_like(values, bool)
+    tissue[5, :] = False
+    region = attention_region(values, tissue, "tumour", seed=0)
+    assert np.array_equal(region, (values == 1.0) & tissue)
+    with pytest.raises(ValueError, match="unknown attention mask kind"):
+        attention_region(values, tissue, "nuclei")
+
+
+def test_greedy_spread_keeps_order_and_distance() -> None:
+    candidates = np.array([[0, 0], [0, 1], [5, 0], [0, 6], [4, 4], [10, 10]])
+    kept = greedy_spread(candidates, min_distance=5.0, limit=3)
+    assert kept.tolist() == [0, 2, 3]
+    assert greedy_spread(candidates, min_distance=5.0, limit=10).tolist() == [0, 2, 3, 5]
+
+
+@pytest.mark.parametrize("kind", ["positive", "tumour"])
+def test_sampled_locations_respect_mask_distance_and_count(kind) -> None:
+    attention = _blob_attention(centres=((10, 12), (30, 35), (30, 10)))
+    tissue = np.ones_like(attention, bool)
+    tissue[:, 45:] = False
+    config = SamplerConfig(n_tiles=5, n_candidates=60, min_distance_thumb_px=4.0)
+    result = sample_locations(attention, tissue, config, kind, np.random.default_rng(0))
+    centres = result.centers_thumb_rc
+    assert 1 <= len(centres) <= 5
+    kmeans_seed = int(np.random.default_rng(0).integers(0, 2**31 - 1))  # the sampler's first draw
+    region = attention_region(normalise_attention(attention), tissue, kind, seed=kmeans_seed)
+    assert region.sum() < tissue.sum()
+    assert np.all(tissue[centres[:, 0], centres[:, 1]])
+    assert np.all(region[centres[:, 0], centres[:, 1]])
+    distances = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+    assert np.all(distances[~np.eye(len(centres), dtype=bool)] >= 4.0)
+    assert np.all(np.diff(result.scores) <= 0), "kept locations come best first"
+    assert (result.shortfall_reason is None) == (len(centres) == 5)
+
+
+def test_noise_is_added_inside_the_mask_only() -> None:
+    attention = _blob_attention()
+    tissue = np.zeros_like(attention, bool)
+    tissue[5:15, 5:20] = True
+    config = SamplerConfig(n_tiles=30, n_candidates=150, min_distance_thumb_px=0.0, noise_low=-2.0, noise_high=1.0)
+    for seed in range(5):
+        result = sample_locations(attention, tissue, config, "positive", np.random.default_rng(seed))
+        assert np.all(tissue[result.centers_thumb_rc[:, 0], result.centers_thumb_rc[:, 1]])
+        # scores are Â + n with Â in (0, 1] and n in [low, high)
+        assert np.all(result.scores > -2.0) and np.all(result.scores < 2.0)
+
+
+def test_sampler_is_seeded() -> None:
+    attention = _blob_attention()
+    tissue = np.ones_like(attention, bool)
+    config = SamplerConfig(n_tiles=4, n_candidates=8, min_distance_thumb_px=3.0)
+    a = sample_locations(attention, tissue, config, "positive", np.random.default_rng(7))
+    b = sample_locations(attention, tissue, config, "positive", np.random.default_rng(7))
+    c = sample_locations(attention, tissue, config, "positive", np.random.default_rng(8))
+    assert np.array_equal(a.centers_thumb_rc, b.centers_thumb_rc)
+    assert not np.array_equal(a.centers_thumb_rc, c.centers_thumb_rc)
+
+
+def test_scarce_tissue_gives_fewer_locations_with_a_reason() -> None:
+    attention = _blob_attention()
+    tissue = np.zeros_like(attention, bool)
+    tissue[10:12, 10:13] = True  # 6 pixels, all within 3 px of each other
+    config = SamplerConfig(n_tiles=4, n_candidates=8, min_distance_thumb_px=5.0)
+    result = sample_locations(attention, tissue, config, "positive", np.random.default_rng(0))
+    assert len(result.centers_thumb_rc) == 1
+    assert "only 1 of 4" in result.shortfall_reason
+    empty = sample_locations(attention, np.zeros_like(tissue), config, "positive", np.random.default_rng(0))
+    assert len(empty.centers_thumb_rc) == 0 and "no tissue" in empty.shortfall_reason
+
+
+def test_sampler_refuses_mismatched_masks() -> None:
+    with pytest.raises(ValueError, match="tissue_mask shape"):
+        sample_locations(np.ones((4, 4)), np.ones((4, 5), bool), SamplerConfig(), "positive", np.random.default_rng())
+
+
+def test_random_baseline_draws_distinct_tissue_pixels_seeded() -> None:
+    tissue = np.zeros((20, 20), bool)
+    tissue[5:10, 5:10] = True
+    a = random_locations(tissue, 10, np.random.default_rng(1))
+    b = random_locations(tissue, 10, np.random.default_rng(1))
+    assert np.array_equal(a.centers_thumb_rc, b.centers_thumb_rc)
+    assert len({tuple(p) for p in a.centers_thumb_rc}) == 10, "without replacement"
+    assert np.all(tissue[a.centers_thumb_rc[:, 0], a.centers_thumb_rc[:, 1]])
+    assert a.shortfall_reason is None
+    scarce = random_locations(tissue, 40, np.random.default_rng(1))
+    assert len(scarce.centers_thumb_rc) == 25 and "only 25 of 40" in scarce.shortfall_reason
+
+
+def test_random_baseline_is_roughly_uniform_over_tissue() -> None:
+    tissue = np.zeros((10, 10), bool)
+    tissue[:, :4] = True
+    counts = np.zeros((10, 10))
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        picked = random_locations(tissue, 4, rng).centers_thumb_rc
+        counts[picked[:, 0], picked[:, 1]] += 1
+    per_pixel = counts[tissue]
+    assert per_pixel.sum() == 2000 and counts[~tissue].sum() == 0
+    assert per_pixel.min() > 25 and per_pixel.max() < 75  # expected 50 each
+
+
+def test_random_baseline_follows_log_weights() -> None:
+    tissue = np.ones((1, 2), bool)
+    log_weights = np.log(np.array([[0.9, 0.1]]))
+    rng = np.random.default_rng(0)
+    first = [tuple(random_locations(tissue, 1, rng, log_weights).centers_thumb_rc[0]) for _ in range(2000)]
+    assert 0.85 < first.count((0, 0)) / 2000 < 0.95
+
+
+def test_locations_map_to_level0_boxes_by_the_slides_mapping() -> None:
+    centres = np.array([[0, 0], [10, 20], [31, 31]])
+    boxes = locations_to_level0_boxes(centres, downsample=32, tile_level0_px=256, level0_dims=(1024, 1024))
+    assert boxes == [thumb_to_level0_box((float(r), float(c)), 32, 256, (1024, 1024)) for r, c in centres]
+    assert all(0 <= b.x0 <= 1024 - 256 and 0 <= b.y0 <= 1024 - 256 for b in boxes)
