@@ -223,7 +223,7 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         "lymph_fraction": rng.uniform(0.0, 0.2),  # of non-tumour tissue
         "stroma_cellularity": rng.uniform(0.15, 0.45),
         "nest_sigma_field_px": rng.uniform(3.5, 7.0),  # tumour nests ~ 300-600 level-0 px across
-        "haematoxylin_gain": rng.uniform(0.8, 1.2),
+        "haematoxylin_gain": rng.uniform(0.75, 1.25),
         "dab_gain": rng.uniform(0.9, 1.1),
         "debris_level": rng.uniform(0.0, 1.0),
         "cytoplasm_blush": 0.0,
@@ -238,9 +238,11 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         params["membrane_completeness"] = completeness
         params["membrane_half_width_px"] = half_width
     else:
-        params["cytoplasm_blush"] = rng.uniform(0.0, 0.25)
+        # Diffuse cytoplasmic DAB makes a "loss" tumour look as brown as an "intact" one at low power,
+        # while its nuclei stay blue at high power.
+        params["cytoplasm_blush"] = rng.uniform(0.0, 0.45)
         params["normal_nuclear_dab"] = rng.uniform(0.5, 0.9)
-        params["tumour_nuclear_dab"] = rng.uniform(0.55, 0.95) if label == 0 else rng.uniform(0.0, 0.04)
+        params["tumour_nuclear_dab"] = rng.uniform(0.4, 0.95) if label == 0 else rng.uniform(0.0, 0.04)
         params["membrane_dab"] = 0.0
         params["membrane_completeness"] = 0.0
         params["membrane_half_width_px"] = 1.0
@@ -398,7 +400,7 @@ def _cells(layout: SlideLayout, row0: int, col0: int, n_rows: int, n_cols: int) 
     nuclear_dab = np.where(kind == CELL_TUMOUR, p["tumour_nuclear_dab"], p["normal_nuclear_dab"])
     nuclear_dab = nuclear_dab * (0.8 + 0.4 * u[5]) * (kind != CELL_NONE)
     # DAB-positive nuclei carry less visible haematoxylin (DAB masks the counterstain).
-    nuclear_h = nuclear_h * (1.0 - 0.6 * np.clip(nuclear_dab, 0, 1))
+    nuclear_h = nuclear_h * (1.0 - 0.35 * np.clip(nuclear_dab, 0, 1))
     membrane_dab = np.where(kind == CELL_TUMOUR, p["membrane_dab"] * (0.85 + 0.3 * u[5]), 0.0)
     return {
         "kind": kind,
