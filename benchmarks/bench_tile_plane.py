@@ -171,65 +171,36 @@ def memory_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_
 # -- main ----------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slide-dir", type=Path, default=Path("/tmp/tile_plane_bench"))
-    parser.add_argument("--size", type=int, default=32768, help="level-0 side of the synthetic slide")
-    parser.add_argument("--tile-px", type=int, default=256)
-    parser.add_argument("--n-tiles", type=int, default=2000, help="tiles per throughput configuration")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size for the actor sweep and memory run")
-    parser.add_argument("--memory-tiles", type=int, default=10000)
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    slide_path = ensure_slide(args.slide_dir, args.size)
-    boxes = random_boxes(args.size, args.n_tiles, args.tile_px, args.seed)
-    print(f"slide {slide_path} ({args.size}² level 0, {slide_path.stat().st_size / 2**20:.0f} MiB); "
-          f"{args.n_tiles} random {args.tile_px}² level-0 tiles; cores {args.cores}; load {os.getloadavg()}",
-          flush=True)
-    raw_rate(slide_path, boxes)  # warm the page cache: every run reads from memory, not disk
+def throughput(args: argparse.Namespace, slide_path: Path, boxes: list[Level0Box]) -> None:
     raw_before = raw_rate(slide_path, boxes)
     print(f"raw single process: {raw_before:.0f} tiles/s", flush=True)
-
-    ray.init(num_cpus=4 * args.cores, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     rows: list[tuple[int, int, float]] = []
-    try:
-        for batch_size in args.batch_sizes:
-            rate = pool_rate(slide_path, boxes, 2, batch_size)
-            rows.append((2, batch_size, rate))
-            print(f"pool 2 actors, batch {batch_size}: {rate:.0f} tiles/s", flush=True)
-        for num_actors in args.actors:
-            if num_actors == 2 and args.batch_size in args.batch_sizes:
-                continue
-            rate = pool_rate(slide_path, boxes, num_actors, args.batch_size)
-            rows.append((num_actors, args.batch_size, rate))
-            print(f"pool {num_actors} actors, batch {args.batch_size}: {rate:.0f} tiles/s", flush=True)
-        raw_after = raw_rate(slide_path, boxes)
-        print(f"raw single process (again): {raw_after:.0f} tiles/s", flush=True)
-        memory_boxes = random_boxes(args.size, args.memory_tiles, args.tile_px, args.seed + 1)
-        trace = memory_run(slide_path, memory_boxes, 2, args.batch_size, max_in_flight=4)
-    finally:
-        ray.shutdown()
-
+    for batch_size in args.batch_sizes:
+        rate = pool_rate(slide_path, boxes, 2, batch_size)
+        rows.append((2, batch_size, rate))
+        print(f"pool 2 actors, batch {batch_size}: {rate:.0f} tiles/s", flush=True)
+    for num_actors in args.actors:
+        if num_actors == 2 and args.batch_size in args.batch_sizes:
+            continue
+        rate = pool_rate(slide_path, boxes, num_actors, args.batch_size)
+        rows.append((num_actors, args.batch_size, rate))
+        print(f"pool {num_actors} actors, batch {args.batch_size}: {rate:.0f} tiles/s", flush=True)
+    raw_after = raw_rate(slide_path, boxes)
+    print(f"raw single process (again): {raw_after:.0f} tiles/s", flush=True)
     raw = statistics.mean([raw_before, raw_after])
     print()
-    print(f"Load average at the end: {os.getloadavg()}")
-    print()
-    print(f"Raw single-process loop: {raw_before:.0f} tiles/s before, {raw_after:.0f} after (mean {raw:.0f}).")
+    print(f"Raw single-process loop: {raw_before:.0f} tiles/s before, {raw_after:.0f} after (mean {raw:.0f}); "
+          f"load average now {os.getloadavg()}.")
     print()
     print("| actors | batch size | pool tiles/s | pool ÷ (cores × raw) | pool ÷ (min(actors, cores) × raw) |")
     print("|---:|---:|---:|---:|---:|")
     for num_actors, batch_size, rate in sorted(rows):
         efficiency = rate / (min(num_actors, args.cores) * raw)
         print(f"| {num_actors} | {batch_size} | {rate:.0f} | {rate / (args.cores * raw):.2f} | {efficiency:.2f} |")
+    print()
+
+
+def print_memory(args: argparse.Namespace, trace: MemoryTrace) -> None:
     print()
     print(f"Memory, streaming {trace.tiles} tiles ({args.tile_px}², {3 * args.tile_px**2 / 1024:.0f} KiB each, "
           f"{trace.tiles * 3 * args.tile_px**2 / 2**30:.1f} GiB in all) in {trace.seconds:.1f} s, 2 actors, batch "
@@ -242,6 +213,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {trace.start_rss_mib[name]:.0f} | {trace.rss_at_10pct_mib.get(name, 0):.0f} | "
               f"{trace.end_rss_mib[name]:.0f} | {trace.peak_rss_mib[name]:.0f} | {trace.peak_anon_mib[name]:.0f} | "
               f"{trace.peak_shmem_mib[name]:.0f} |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slide-dir", type=Path, default=Path("/tmp/tile_plane_bench"))
+    parser.add_argument("--size", type=int, default=32768, help="level-0 side of the synthetic slide")
+    parser.add_argument("--tile-px", type=int, default=256)
+    parser.add_argument("--n-tiles", type=int, default=2000, help="tiles per throughput configuration")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size for the actor sweep and memory run")
+    parser.add_argument("--memory-tiles", type=int, default=10000)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    slide_path = ensure_slide(args.slide_dir, args.size)
+    boxes = random_boxes(args.size, args.n_tiles, args.tile_px, args.seed)
+    print(f"slide {slide_path} ({args.size}² level 0, {slide_path.stat().st_size / 2**20:.0f} MiB); "
+          f"{args.n_tiles} random {args.tile_px}² level-0 tiles; cores {args.cores}; load {os.getloadavg()}",
+          flush=True)
+    raw_rate(slide_path, boxes)  # warm the page cache: every run reads from memory, not disk
+    ray.init(num_cpus=4 * args.cores, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    try:
+        if not args.skip_throughput:
+            throughput(args, slide_path, boxes)
+        if not args.skip_memory:
+            memory_boxes = random_boxes(args.size, args.memory_tiles, args.tile_px, args.seed + 1)
+            trace = memory_run(slide_path, memory_boxes, 2, args.batch_size, max_in_flight=4)
+            print_memory(args, trace)
+    finally:
+        ray.shutdown()
+    print(f"Load average at the end: {os.getloadavg()}")
     return 0
 
 

@@ -190,15 +190,15 @@ class TilePool:
     def iter_read(self, requests: Sequence[TileRequest]) -> Iterator[np.ndarray | SlideError]:
         """Stream results in request order with at most ``max_in_flight`` batches outstanding."""
         self._check_open()
-        batches = self._split(list(requests))
+        # Batches leave `unsent` when submitted and `pending` when collected, so nothing keeps the ObjectRef
+        # (and thus the pixels in the object store) of a batch already handed to the caller.
+        unsent = deque(self._split(list(requests)))
         pending: deque[_Batch] = deque()
-        next_index = 0
         try:
-            while next_index < len(batches) or pending:
+            while unsent or pending:
                 # Submit while the pool has budget; block for budget only when we have nothing to collect.
-                while next_index < len(batches) and self._acquire_slot(blocking=not pending):
-                    batch = batches[next_index]
-                    next_index += 1
+                while unsent and self._acquire_slot(blocking=not pending):
+                    batch = unsent.popleft()
                     try:
                         self._submit(batch)
                     except BaseException:
@@ -216,6 +216,7 @@ class TilePool:
                         yield np.array(result)  # owned, writable; lets the batch's object be freed
                     else:
                         yield result
+                del results  # drop the zero-copy views before waiting for the next batch
         finally:
             # An abandoned stream (caller stopped early, or an error) gives its budget back.
             for batch in pending:
@@ -370,6 +371,7 @@ class TilePool:
                 self._submit(batch, avoid_slot=batch.actor_slot)
                 continue
             self._finish(batch)
+            batch.ref = None  # the caller holds the results now; let the object store free them
             return results
 
     def _replace_actor(self, slot: int, dead_actor: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,25 @@ def test_backpressure_bounds_batches_in_flight(ray_cluster: None, slide_path: st
         assert max(seen_in_flight) <= 2
         assert small_pool.in_flight_batches() == 0
         assert len(small_pool.read(requests)) == 12  # the full budget is usable again
+
+
+def _objects_in_store() -> int:
+    from ray._private.internal_api import memory_summary  # no public API counts plasma objects
+
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    return int(re.search(r"(\d+) objects", summary).group(1))
+
+
+def test_streamed_tiles_leave_the_object_store(ray_cluster: None, slide_path: str) -> None:
+    """Memory stays bounded over a long stream: a batch handed to the caller is freed in the store."""
+    with TilePool(num_actors=2, max_in_flight=2, batch_size=1, actor_num_cpus=0.25) as stream_pool:
+        requests = _grid_requests(slide_path, 40)
+        baseline = _objects_in_store()
+        for i, tile in enumerate(stream_pool.iter_read(requests)):
+            np.testing.assert_array_equal(tile, _direct(requests[i]))
+            if i == 30:
+                time.sleep(0.5)  # frees reach the store asynchronously
+                assert _objects_in_store() - baseline <= 2 + 2  # in flight + one being consumed + slack
 
 
 def test_concurrent_callers_share_the_pool(pool: TilePool, slide_path: str) -> None:
