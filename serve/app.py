@@ -210,11 +210,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application builder for ``serve run serve.app:build_app key=value ...`` and the config YAML.
 
     ``args`` override the environment by ``ServeSettings`` field name (``model``, ``slide_root``,
-    ``max_upload_mb``, ...); Serve-only keys: ``torch_threads`` (per replica, default 1) and
+    ``max_upload_mb``, ...). Serve-only keys: ``torch_threads`` (per model replica, default 1);
+    ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling); and
     ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
     moved alias)."""
     args = dict(args or {})
     torch_threads = int(args.pop("torch_threads", 1))
+    soft_replicas, hard_replicas = args.pop("soft_replicas", None), args.pop("hard_replicas", None)
     args.pop("model_revision", None)
     if "model" in args:
         args["model_uri"] = args.pop("model")
@@ -225,9 +227,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         # Deploy anyway: the service comes up and answers 503 naming the cause (and healthz says so).
         model_ref = ModelRef(uri=settings.model_uri, name=settings.model_uri, version=None, alias=None,
                              error=str(error))
-    soft = SoftAttentionStage.bind(model_ref, settings.tracking_uri, torch_threads)
-    hard = HardAttentionStage.bind(model_ref, settings.tracking_uri, torch_threads)
+    soft = _fixed(SoftAttentionStage, soft_replicas).bind(model_ref, settings.tracking_uri, torch_threads)
+    hard = _fixed(HardAttentionStage, hard_replicas).bind(model_ref, settings.tracking_uri, torch_threads)
     return ScoringIngress.bind(soft, hard, settings)
+
+
+def _fixed(deployment: serve.Deployment, replicas: int | str | None) -> serve.Deployment:
+    """The deployment with autoscaling, or with exactly ``replicas`` replicas."""
+    if replicas is None:
+        return deployment
+    return deployment.options(num_replicas=int(replicas), autoscaling_config=None)
 
 
 __all__ = ["ModelNotLoaded", "ScoringIngress", "build_app"]

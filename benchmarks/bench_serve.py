@@ -1,0 +1,261 @@
+"""Serving benchmark: in-process scoring vs HTTP scoring of the same slide, and load from concurrent clients.
+
+    .venv/bin/python benchmarks/bench_serve.py            # full run, prints markdown tables
+    .venv/bin/python benchmarks/bench_serve.py --quick    # fewer requests, cpu-small only
+
+1. Overhead. For each model size (cpu-small on a 4096² slide; paper-her2 on an 8192² slide, both
+   randomly initialised: timing does not depend on training), the same slide and seed are scored
+   (a) in this process with ``pipeline.score_slide`` (thumbnail, tissue mask, SAM, sampler, tile reads
+   through OpenSlide, agent), before and after (b) sequential HTTP requests to the Serve app from a load
+   generator in a separate process. Both sides use one torch thread. ``overhead = (HTTP p50 - in-process
+   p50) / in-process p50``: what the service adds on top of model time (target <= 10%).
+2. Load. cpu-small, 1 and 2 hard-attention replicas (soft stage and ingress 1 replica each), 1, 4 and
+   16 concurrent clients (an async httpx client in a separate process, loopback only), a bounded number
+   of requests per run: throughput and latency percentiles.
+
+Slides and checkpoints are written once into ``--work-dir`` (outside git) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+
+# -- load generator (runs as its own process) ------------------------------------------------------------
+
+
+async def _generate_load(url: str, body: dict, concurrency: int, requests: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: list[int] = []
+    server_timings: list[dict] = []
+    remaining = list(range(requests))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while remaining:
+            remaining.pop()
+            start = time.perf_counter()
+            answer = await client.post("/v1/score", json=body)
+            latencies.append(time.perf_counter() - start)
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                server_timings.append(answer.json()["timings"])
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*[client_loop(client) for _ in range(concurrency)])
+        wall_s = time.perf_counter() - started
+    return {"latencies_s": latencies, "statuses": statuses, "wall_s": wall_s, "server_timings": server_timings}
+
+
+def run_load_generator(url: str, body: dict, concurrency: int, requests: int) -> dict:
+    """Start the load generator as a separate Python process; its JSON result."""
+    command = [sys.executable, __file__, "--loadgen", url, "--loadgen-body", json.dumps(body),
+               "--concurrency", str(concurrency), "--requests", str(requests)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float]:
+    p50, p95, p99 = np.percentile(np.asarray(values), [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.1f}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare(work_dir: Path, preset_name: str, slide_px: int) -> tuple[Path, Path]:
+    """A random-initialised checkpoint of the preset and a synthetic HER2 slide, written once."""
+    import torch
+
+    from dual_attention.checkpoint import save_checkpoint
+    from dual_attention.config import preset
+    from dual_attention.models import DualAttentionModel
+    from dual_attention.synthetic import write_synthetic_slide
+
+    checkpoint = work_dir / f"checkpoint-{preset_name}"
+    if not (checkpoint / "model.pt").is_file():
+        config = preset(preset_name)
+        torch.manual_seed(0)
+        save_checkpoint(checkpoint, DualAttentionModel(config).eval(), config)
+    slide = work_dir / "slides" / f"her2-{slide_px}.tiff"
+    if not slide.is_file():
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        partial = slide.with_name(f".partial-{slide.name}")
+        print(f"writing {slide} once ...", flush=True)
+        write_synthetic_slide(partial, "her2", label=2, seed=7, width_level0_px=slide_px, height_level0_px=slide_px)
+        os.replace(partial, slide)
+    return checkpoint, slide
+
+
+def in_process_latencies(checkpoint: Path, slide_path: Path, seed: int, reps: int) -> list[float]:
+    """Wall time of the whole scoring of one slide in this process (no Ray), ``reps`` times."""
+    from dual_attention.checkpoint import load_checkpoint
+    from dual_attention.pipeline import score_slide
+    from dual_attention.slides import open_slide, tissue_mask
+
+    model, config, _ = load_checkpoint(checkpoint)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        with open_slide(slide_path) as slide:
+            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+            score_slide(model, thumbnail, mask, slide.dimensions,
+                        lambda boxes, s=slide: np.stack([s.read_box(b) for b in boxes]), config, seed)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def deploy(checkpoint: Path, slide_root: Path, hard_replicas: int = 1) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app({"model": str(checkpoint), "slide_root": str(slide_root), "soft_replicas": 1,
+                     "hard_replicas": hard_replicas, "torch_threads": 1, "tile_readers": 2})
+    serve.run(app, name="bench", route_prefix="/")
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+
+def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]]) -> list[str]:
+    rows = []
+    for preset_name, slide_px, reps in models:
+        checkpoint, slide = prepare(work_dir, preset_name, slide_px)
+        deploy(checkpoint, slide.parent)
+        body = {"slide": slide.name, "seed": 0}
+        run_load_generator(url, body, 1, 2)  # warm-up: first requests start the tile readers
+        in_process_latencies(checkpoint, slide, 0, 1)  # warm-up
+        before = in_process_latencies(checkpoint, slide, 0, reps)
+        http = run_load_generator(url, body, 1, reps)
+        after = in_process_latencies(checkpoint, slide, 0, reps)
+        assert set(http["statuses"]) == {200}, http["statuses"]
+        local = before + after
+        local_p = percentiles(local)
+        http_p = percentiles(http["latencies_s"])
+        overhead = (http_p[0] - local_p[0]) / local_p[0]
+        stages = {key: statistics.median(t[key] for t in http["server_timings"])
+                  for key in ("soft_attention_s", "tile_read_s", "hard_attention_s", "total_s")}
+        drift = abs(statistics.median(after) - statistics.median(before)) / statistics.median(local)
+        rows.append(
+            f"| {preset_name} | {slide_px}² | {reps} + {reps} / {reps} | {ms(local_p[0])} / {ms(local_p[1])} / "
+            f"{ms(local_p[2])} | {ms(http_p[0])} / {ms(http_p[1])} / {ms(http_p[2])} | {overhead:+.1%} | "
+            f"{drift:.1%} | {ms(stages['soft_attention_s'])} / {ms(stages['tile_read_s'])} / "
+            f"{ms(stages['hard_attention_s'])} / {ms(stages['total_s'])} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def load_rows(url: str, work_dir: Path, replicas: list[int], concurrencies: list[int], requests: int) -> list[str]:
+    rows = []
+    checkpoint, slide = prepare(work_dir, "cpu-small", 4096)
+    body = {"slide": slide.name, "seed": 0}
+    for hard_replicas in replicas:
+        deploy(checkpoint, slide.parent, hard_replicas)
+        run_load_generator(url, body, 2, 4)  # warm-up
+        for concurrency in concurrencies:
+            result = run_load_generator(url, body, concurrency, max(requests, 2 * concurrency))
+            assert set(result["statuses"]) == {200}, result["statuses"]
+            p50, p95, p99 = percentiles(result["latencies_s"])
+            throughput = len(result["latencies_s"]) / result["wall_s"]
+            rows.append(f"| {hard_replicas} | {concurrency} | {len(result['latencies_s'])} | {throughput:.2f} | "
+                        f"{ms(p50)} | {ms(p95)} | {ms(p99)} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dual-attention-bench-serve"))
+    parser.add_argument("--reps", type=int, default=20, help="sequential requests per side, cpu-small")
+    parser.add_argument("--paper-reps", type=int, default=6, help="sequential requests per side, paper-her2")
+    parser.add_argument("--requests", type=int, default=48, help="requests per load run")
+    parser.add_argument("--quick", action="store_true", help="cpu-small only, fewer requests")
+    parser.add_argument("--skip-load", action="store_true")
+    # load-generator mode (internal)
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    parser.add_argument("--loadgen-body", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.loadgen:
+        print(json.dumps(asyncio.run(_generate_load(args.loadgen, json.loads(args.loadgen_body), args.concurrency,
+                                                    args.requests))))
+        return 0
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+    import torch
+    from ray import serve
+
+    torch.set_num_threads(1)  # the same as each model replica (torch_threads=1)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    models = [("cpu-small", 4096, args.reps)]
+    if not args.quick:
+        models.append(("paper-her2", 8192, args.paper_reps))
+    else:
+        models = [("cpu-small", 4096, max(5, args.reps // 4))]
+        args.requests = 16
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", flush=True)
+        header = ("| model | slide | requests (in-process before+after / HTTP) | in-process p50 / p95 / p99 ms | "
+                  "HTTP p50 / p95 / p99 ms | overhead (p50) | in-process drift | server soft / tiles / hard / "
+                  "total p50 ms |\n|---|---|---|---|---|---|---|---|")
+        print(header, flush=True)
+        overhead = overhead_rows(url, args.work_dir, models)
+        load = []
+        if not args.skip_load:
+            load_header = ("| hard-attention replicas | concurrent clients | requests | throughput req/s | "
+                           "p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|")
+            print(load_header, flush=True)
+            load = load_rows(url, args.work_dir, [1, 2], [1, 4, 16], args.requests)
+        print(f"\nload average {os.getloadavg()[0]:.1f} at end\n")
+        print(header)
+        print("\n".join(overhead))
+        if load:
+            print()
+            print(load_header)
+            print("\n".join(load))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
