@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +40,10 @@ from dual_attention.config import DualAttentionConfig
 # -- image conversion --------------------------------------------------------------------------------------
 
 
-def images_to_tensor(images_uint8: torch.Tensor | object) -> torch.Tensor:
+def images_to_tensor(images_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
     """(n, h, w, 3) or (h, w, 3) uint8 array -> (n, 3, h, w) float32 in [0, 1]."""
+    if isinstance(images_uint8, np.ndarray) and not images_uint8.flags.writeable:
+        images_uint8 = images_uint8.copy()  # torch refuses to wrap read-only memory (OpenSlide reads)
     tensor = torch.as_tensor(images_uint8)
     if tensor.ndim == 3:
         tensor = tensor.unsqueeze(0)

@@ -1,0 +1,294 @@
+"""The composed pipeline: proposals, scoring (numpy and OpenSlide tile readers), aggregation, training
+steps in both modes, and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dual_attention.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dual_attention.config import preset
+from dual_attention.models import DualAttentionModel
+from dual_attention.pipeline import (
+    ScoringError,
+    SlideBatch,
+    TileScore,
+    aggregate,
+    augment_tiles,
+    combine_folds,
+    location_to_level0,
+    propose_tiles,
+    score_slide,
+    score_tiles,
+    training_phase,
+    training_step,
+)
+from dual_attention.slides import Level0Box, open_slide, tissue_mask
+
+DOWNSAMPLE = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Several processes share 2 cores; two spinning torch threads each slow everything down.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class ArraySlide:
+    """A level-0 RGB array with a tissue rectangle, its thumbnail and a numpy ReadTiles."""
+
+    def __init__(self, seed: int, width: int = 1536, height: int = 1024, label: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        image = np.full((height, width, 3), 240, np.uint8)
+        image[128:896, 192:1344] = rng.integers(60, 200, size=(768, 1152, 3), dtype=np.uint8)
+        self.level0 = image
+        self.dims = (width, height)
+        self.label = label
+        self.thumbnail = image.reshape(height // DOWNSAMPLE, DOWNSAMPLE, width // DOWNSAMPLE, DOWNSAMPLE, 3).mean(
+            (1, 3)).astype(np.uint8)
+        self.tissue = np.zeros(self.thumbnail.shape[:2], bool)
+        self.tissue[4:28, 6:42] = True
+        self.boxes_read: list[Level0Box] = []
+
+    def read_tiles(self, boxes) -> np.ndarray:
+        self.boxes_read += list(boxes)
+        return np.stack([self.level0[b.y0:b.y0 + b.height, b.x0:b.x0 + b.width] for b in boxes])
+
+
+@pytest.fixture(scope="module")
+def config():
+    return preset("cpu-small")
+
+
+@pytest.fixture(scope="module")
+def model(config) -> DualAttentionModel:
+    torch.manual_seed(0)
+    model = DualAttentionModel(config)
+    torch.nn.init.normal_(model.soft_attention.to_logit.weight, std=0.5)  # a non-uniform map to sample from
+    return model.eval()
+
+
+def test_propose_tiles(model, config) -> None:
+    slide = ArraySlide(0)
+    proposal = propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=3)
+    assert proposal.attention_map.shape == slide.thumbnail.shape[:2]
+    assert proposal.attention_map.sum() == pytest.approx(1.0, abs=1e-5)
+    n = len(proposal.level0_boxes)
+    assert 1 <= n <= config.sampler.n_tiles
+    assert proposal.centers_thumb_rc.shape == (n, 2) and proposal.attention_weights.shape == (n,)
+    rows, cols = proposal.centers_thumb_rc.T
+    assert np.all(slide.tissue[rows, cols])
+    assert np.allclose(proposal.attention_weights, proposal.attention_map[rows, cols])
+    for box in proposal.level0_boxes:
+        assert box.width == box.height == config.tile.tile_level0_px
+        assert 0 <= box.x0 <= slide.dims[0] - box.width and 0 <= box.y0 <= slide.dims[1] - box.height
+    again = propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=3)
+    assert again.level0_boxes == proposal.level0_boxes
+    other = [propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=s).level0_boxes
+             for s in range(4, 8)]
+    assert any(boxes != proposal.level0_boxes for boxes in other), "the seed drives the sampler's noise"
+
+
+def test_propose_tiles_random_baseline_and_bad_sampler(model, config) -> None:
+    slide = ArraySlide(0)
+    proposal = propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=0, sampler="random")
+    assert len(proposal.level0_boxes) == config.sampler.n_tiles
+    assert np.all(slide.tissue[proposal.centers_thumb_rc[:, 0], proposal.centers_thumb_rc[:, 1]])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=0, sampler="grid")
+    with pytest.raises(ScoringError, match="tissue_mask shape"):
+        propose_tiles(model, slide.thumbnail, slide.tissue[1:], slide.dims, config, seed=0)
+
+
+def test_score_slide_is_deterministic_and_consistent(model, config) -> None:
+    slide = ArraySlide(1)
+    score = score_slide(model, slide.thumbnail, slide.tissue, slide.dims, slide.read_tiles, config, seed=5)
+    again = score_slide(model, slide.thumbnail, slide.tissue, slide.dims, slide.read_tiles, config, seed=5)
+    assert score.class_probabilities == again.class_probabilities
+    assert [t.glimpse_trail_level0 for t in score.tiles] == [t.glimpse_trail_level0 for t in again.tiles]
+    assert sum(score.class_probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert score.predicted_label == config.class_names[score.predicted_class]
+    assert 0 < score.confidence <= 1
+    tile_px = config.tile.tile_level0_px
+    assert score.level0_pixels_read == len(score.tiles) * tile_px**2
+    assert score.fraction_level0_read == pytest.approx(len(score.tiles) * tile_px**2 / (1536 * 1024))
+    assert score.attention_map.shape == slide.thumbnail.shape[:2]
+    for tile in score.tiles:
+        assert len(tile.glimpse_trail_level0) == config.agent.n_glimpses
+        box = tile.level0_box
+        for x, y in tile.glimpse_trail_level0:
+            assert box.x0 <= x <= box.x0 + box.width and box.y0 <= y <= box.y0 + box.height
+        assert tile.predicted_class == int(np.argmax(tile.class_probabilities))
+
+
+def test_score_slide_from_an_openslide_slide(model, config, shared_slides: Path) -> None:
+    with open_slide(shared_slides / "aperio" / "CMU-1-Small-Region.svs") as slide:
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        mask = tissue_mask(thumbnail)
+        tile_px = config.tile.tile_level0_px
+
+        def read_tiles(boxes):
+            return np.stack([slide.read_box(box) for box in boxes])
+
+        score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed=0)
+    assert mask.any() and 1 <= len(score.tiles) <= config.sampler.n_tiles
+    assert all(t.level0_box.width == tile_px for t in score.tiles)
+    assert sum(score.class_probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_slide_refuses_no_tissue_and_bad_tiles(model, config) -> None:
+    slide = ArraySlide(2)
+    with pytest.raises(ScoringError, match="no tissue"):
+        score_slide(model, slide.thumbnail, np.zeros_like(slide.tissue), slide.dims, slide.read_tiles, config, 0)
+
+    def wrong_size(boxes):
+        return np.zeros((len(boxes), 10, 10, 3), np.uint8)
+
+    with pytest.raises(ScoringError, match=r"expected \(\d+, 256, 256, 3\) uint8"):
+        score_slide(model, slide.thumbnail, slide.tissue, slide.dims, wrong_size, config, 0)
+
+
+def test_score_tiles_maps_glimpses_to_level0(model, config) -> None:
+    slide = ArraySlide(3)
+    proposal = propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=0)
+    tiles = slide.read_tiles(proposal.level0_boxes)
+    scores = score_tiles(model, tiles, proposal, config, seed=0)
+    with torch.no_grad():
+        out = model.agent(torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255, deterministic=True)
+    first = out.locations[0, 0].numpy()
+    assert scores[0].glimpse_trail_level0[0] == pytest.approx(location_to_level0(first, proposal.level0_boxes[0]))
+    box = Level0Box(100, 200, 256, 256)
+    assert location_to_level0(np.array([-1.0, 1.0]), box) == (100.0, 456.0)
+    assert location_to_level0(np.array([0.0, 0.0]), box) == (228.0, 328.0)
+
+
+def _tile_score(probs, x0=0) -> TileScore:
+    return TileScore(Level0Box(x0, 0, 100, 100), 0.1, int(np.argmax(probs)), list(probs), [])
+
+
+def test_aggregate_and_combine_folds() -> None:
+    tiles = [_tile_score([0.1, 0.1, 0.7, 0.1]), _tile_score([0.1, 0.1, 0.6, 0.2], 100),
+             _tile_score([0.0, 0.0, 0.1, 0.9], 200)]
+    score = aggregate(tiles, "her2", (1000, 1000))
+    assert score.predicted_class == 2 and score.predicted_label == "2+"
+    assert score.level0_pixels_read == 30_000 and score.fraction_level0_read == pytest.approx(0.03)
+    with pytest.raises(ScoringError, match="no tile scores"):
+        aggregate([], "her2", (1000, 1000))
+    other = aggregate([_tile_score([0.0, 0.0, 0.0, 1.0])], "her2", (1000, 1000))
+    combined = combine_folds([score, other], "her2")
+    expected = (np.array(score.class_probabilities) + np.array(other.class_probabilities)) / 2
+    assert combined.class_probabilities == pytest.approx(expected.tolist())
+    assert combined.predicted_class == int(np.argmax(expected)) and len(combined.tiles) == 4
+
+
+def test_augment_tiles_rotates_and_flips_with_the_rng() -> None:
+    tiles = np.random.default_rng(0).integers(0, 255, size=(6, 8, 8, 3), dtype=np.uint8)
+    a = augment_tiles(tiles, np.random.default_rng(1))
+    b = augment_tiles(tiles, np.random.default_rng(1))
+    assert np.array_equal(a, b) and not np.array_equal(a, tiles)
+    for original, out in zip(tiles, a, strict=True):
+        variants = [np.rot90(original, k, axes=(0, 1)) for k in range(4)]
+        variants += [v[:, ::-1] for v in variants]
+        assert any(np.array_equal(out, v) for v in variants)
+
+
+def _batch(n_slides: int = 4) -> tuple[SlideBatch, list[ArraySlide]]:
+    slides = [ArraySlide(10 + i, label=i % 4) for i in range(n_slides)]
+    batch = SlideBatch([s.thumbnail for s in slides], [s.tissue for s in slides], [s.label for s in slides],
+                       [s.dims for s in slides], [s.read_tiles for s in slides])
+    return batch, slides
+
+
+def _has_grad(parameters) -> bool:
+    return any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in parameters)
+
+
+def test_joint_training_step_four_slides_by_four_tiles(config) -> None:
+    torch.manual_seed(0)
+    model = DualAttentionModel(config.with_overrides({"loss.beta": 0.0}))
+    batch, slides = _batch()
+    loss, terms = training_step(model, batch, epoch=1, config=config, rng=np.random.default_rng(0))
+    assert terms["n_tiles"] == 16 and all(len(s.boxes_read) == 4 for s in slides)
+    assert all(math.isfinite(v) for v in terms.values())
+    assert terms["sam_weight"] == pytest.approx(config.loss.alpha)
+    assert terms["l_j"] == pytest.approx(terms["l_ha"] + config.loss.alpha * terms["l_sa"], rel=1e-5)
+    assert terms["l_ha"] == pytest.approx(terms["l_theta"] + config.loss.delta * (terms["l_bb"] + terms["l_s"]),
+                                          rel=1e-5)
+    loss.backward()
+    # with beta = 0 the only path from the loss to the attention is the expectation over the sampled tiles
+    assert _has_grad(model.soft_attention.to_logit.parameters())
+    assert _has_grad(model.tile_features.parameters()) and _has_grad(model.sam_head.parameters())
+    assert _has_grad(model.agent.location.parameters()) and _has_grad(model.agent.classifier.parameters())
+
+
+def test_training_step_is_reproducible(config) -> None:
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = DualAttentionModel(config)
+        loss, terms = training_step(model, _batch()[0], epoch=0, config=config, rng=np.random.default_rng(42))
+        results.append((loss.item(), terms))
+    assert results[0] == results[1]
+
+
+def test_separate_mode_trains_sam_then_agent(config) -> None:
+    separate = config.with_overrides({"train.mode": "separate", "train.epochs": 4})
+    assert [training_phase(separate, e) for e in range(4)] == ["sam", "sam", "agent", "agent"]
+    assert training_phase(config, 3) == "joint"
+    torch.manual_seed(0)
+    model = DualAttentionModel(separate)
+
+    loss, terms = training_step(model, _batch()[0], epoch=0, config=separate, rng=np.random.default_rng(0))
+    assert terms["trains_sam"] == 1 and terms["trains_agent"] == 0 and math.isnan(terms["l_ha"])
+    assert terms["l_j"] == pytest.approx(terms["l_sa"], rel=1e-6)
+    loss.backward()
+    assert _has_grad(model.sam_parameters()) and not _has_grad(model.agent_parameters())
+
+    model.zero_grad(set_to_none=True)
+    loss, terms = training_step(model, _batch()[0], epoch=2, config=separate, rng=np.random.default_rng(0))
+    assert terms["trains_sam"] == 0 and terms["trains_agent"] == 1 and math.isnan(terms["l_sa"])
+    assert terms["l_j"] == pytest.approx(terms["l_ha"], rel=1e-6)
+    loss.backward()
+    assert _has_grad(model.agent_parameters()) and not _has_grad(model.sam_parameters())
+
+
+def test_training_step_skips_slides_without_tissue(config) -> None:
+    torch.manual_seed(0)
+    model = DualAttentionModel(config)
+    batch, _ = _batch(2)
+    batch.tissue_masks[0] = np.zeros_like(batch.tissue_masks[0])
+    _, terms = training_step(model, batch, 0, config, np.random.default_rng(0))
+    assert terms["slides_skipped"] == 1 and terms["n_tiles"] == 4
+    batch.tissue_masks[1] = np.zeros_like(batch.tissue_masks[1])
+    with pytest.raises(ScoringError, match="none of the 2 slides"):
+        training_step(model, batch, 0, config, np.random.default_rng(0))
+
+
+def test_checkpoint_round_trip(tmp_path: Path, model, config) -> None:
+    path = save_checkpoint(tmp_path / "ckpt", model, config, extra={"epoch": 3, "val_f1": 0.5})
+    assert path.name == "model.pt"
+    loaded, loaded_config, extra = load_checkpoint(tmp_path / "ckpt")
+    assert loaded_config.digest() == config.digest() and extra == {"epoch": 3, "val_f1": 0.5}
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    slide = ArraySlide(4)
+    first = score_slide(model, slide.thumbnail, slide.tissue, slide.dims, slide.read_tiles, config, seed=1)
+    second = score_slide(loaded, slide.thumbnail, slide.tissue, slide.dims, slide.read_tiles, loaded_config, seed=1)
+    assert first.class_probabilities == second.class_probabilities
+
+
+def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        load_checkpoint(tmp_path / "missing")
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"model\.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
