@@ -189,6 +189,10 @@ class TilePool:
 
     def iter_read(self, requests: Sequence[TileRequest]) -> Iterator[np.ndarray | SlideError]:
         """Stream results in request order with at most ``max_in_flight`` batches outstanding."""
+        return self._stream(requests, copy=True)
+
+    def _stream(self, requests: Sequence[TileRequest], copy: bool) -> Iterator[np.ndarray | SlideError]:
+        """``copy=False`` yields read-only views into the object store (each keeps its batch there while it lives)."""
         self._check_open()
         # Batches leave `unsent` when submitted and `pending` when collected, so nothing keeps the ObjectRef
         # (and thus the pixels in the object store) of a batch already handed to the caller.
@@ -213,7 +217,8 @@ class TilePool:
                 for request, result in zip(batch.requests, results, strict=True):
                     if isinstance(result, np.ndarray):
                         self._count_pixels(request)
-                        yield np.array(result)  # owned, writable; lets the batch's object be freed
+                        # a copy is owned and writable, and lets the batch's object be freed
+                        yield np.array(result) if copy else result
                     else:
                         yield result
                 del results  # drop the zero-copy views before waiting for the next batch
@@ -235,7 +240,7 @@ class TilePool:
                         f"{path}: tile box {box.as_tuple()} is not {tile_level0_px}x{tile_level0_px} level-0 px"
                     )
             tiles = np.empty((len(boxes), tile_level0_px, tile_level0_px, 3), dtype=np.uint8)
-            for i, result in enumerate(self.iter_read([TileRequest(path, box) for box in boxes])):
+            for i, result in enumerate(self._stream([TileRequest(path, box) for box in boxes], copy=False)):
                 if isinstance(result, SlideError):
                     raise result
                 tiles[i] = result
