@@ -7,7 +7,8 @@ vs random sampling vs sliding window, and the per-slide cost of each on a gigapi
 Per task (cpu-small preset, ``--n-slides`` slides of ``--slide-px``² at 40x, 4 stratified folds):
 
 1. the cohort is written by ``dual_attention.synthetic.write_cohort`` into ``--work-dir`` (reused if there);
-2. dual attention is trained **in-process** with ``pipeline.training_step`` on folds != ``--test-fold``
+2. dual attention is trained **in-process** with ``pipeline.training_step`` on the folds not in
+   ``--test-folds``
    (the training job's optimiser and class-balanced batches, ``jobs.train.build_optimizer`` and
    ``class_balanced_batches``; tiles read with OpenSlide in this process). Ray Train's two DDP workers,
    per-epoch validation and MLflow logging cost minutes on 2 shared cores, and the study has to fit in
@@ -49,9 +50,12 @@ from dual_attention.pipeline import ScoringError, SlideBatch, training_step  # n
 from dual_attention.slides import SlideHandleCache, tissue_mask  # noqa: E402
 from dual_attention.sliding_window import cpu_small_config, score_slide_sliding_window  # noqa: E402
 from jobs.baselines import (  # noqa: E402
+    SLIDING_WINDOW_MODEL_FILE,
     evaluate_sliding_window,
     load_low_power_view,
+    load_sliding_window_model,
     pool_patch_reader,
+    save_sliding_window_model,
     train_sliding_window,
 )
 from jobs.evaluate import RaySession, evaluate_rows, load_slide_input, select_rows  # noqa: E402
@@ -134,8 +138,9 @@ def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
                      progress=False)
     timings["cohort_s"] = time.perf_counter() - started
     rows = select_rows(manifest, task=task)
-    train_rows = [r for r in rows if int(r["fold"]) != args.test_fold]
-    test_rows = [r for r in rows if int(r["fold"]) == args.test_fold]
+    test_folds = {int(f) for f in args.test_folds.split(",")}
+    train_rows = [r for r in rows if int(r["fold"]) not in test_folds]
+    test_rows = [r for r in rows if int(r["fold"]) in test_folds]
     print(f"[{task}] {len(train_rows)} training slides, {len(test_rows)} test slides", flush=True)
 
     config = preset("cpu-small", task=task).with_overrides(
@@ -160,6 +165,7 @@ def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
     started = time.perf_counter()
     window_model, window_info = train_sliding_window(train_rows, task, window_config, pool, progress=False)
     timings["train_sliding_window_s"] = time.perf_counter() - started
+    save_sliding_window_model(work / SLIDING_WINDOW_MODEL_FILE, window_model, window_config, task, window_info)
     started = time.perf_counter()
     report = evaluate_sliding_window(window_model, test_rows, task, window_config, pool, progress=False)
     report.write(work / "sliding-window")
@@ -228,6 +234,17 @@ def gigapixel_timing(her2: dict[str, Any], args: argparse.Namespace, pool: Any) 
     return out
 
 
+def saved_her2_models(args: argparse.Namespace) -> dict[str, Any]:
+    """The HER2 dual attention checkpoint and sliding-window ResNet18 of a previous run in --work-dir."""
+    from dual_attention.checkpoint import load_checkpoint
+
+    work = Path(args.work_dir) / "her2"
+    model, config, _ = load_checkpoint(work / "dual_attention_checkpoint")
+    window_model, window_config, _ = load_sliding_window_model(work / SLIDING_WINDOW_MODEL_FILE)
+    return {"task": "her2", "config": config, "model": model, "window_model": window_model,
+            "window_config": window_config}
+
+
 # -- tables --------------------------------------------------------------------------------------------------
 
 
@@ -244,7 +261,7 @@ def tables(results: list[dict[str, Any]], giga: dict[str, Any] | None, args: arg
     for result in results:
         task = result["task"]
         lines += [f"**{task.upper()}**: {result['n_train']} training / {result['n_test']} test slides of "
-                  f"{args.slide_px}² level-0 px (fold {args.test_fold} held out); dual attention trained "
+                  f"{args.slide_px}² level-0 px (folds {args.test_folds} held out); dual attention trained "
                   f"{args.epochs} epochs in-process in {result['timings']['train_dual_attention_s']:.0f}s, "
                   f"ResNet18 (width {result['window_config'].resnet_width}) on "
                   f"{result['window_info']['n_train_patches']} patches in "
@@ -307,13 +324,15 @@ def main() -> None:
     parser.add_argument("--tasks", default="her2,mmr")
     parser.add_argument("--n-slides", type=int, default=48, help="slides per task (4 folds)")
     parser.add_argument("--slide-px", type=int, default=2048, help="level-0 side of the cohort slides")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--test-fold", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--test-folds", default="0,1", help="folds held out for testing (of 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], help="extra config override SECTION.FIELD=VALUE")
     parser.add_argument("--giga-px", type=int, default=32768)
     parser.add_argument("--giga-slide", default=None, help="an existing gigapixel HER2 slide to time on")
     parser.add_argument("--skip-giga", action="store_true")
+    parser.add_argument("--giga-only", action="store_true",
+                        help="only the gigapixel timing, with the HER2 models a previous run saved in --work-dir")
     parser.add_argument("--num-readers", type=int, default=2)
     parser.add_argument("--work-dir", default="/tmp/cohort-study")
     args = parser.parse_args()
@@ -328,9 +347,12 @@ def main() -> None:
     with RaySession():
         pool = TilePool(num_actors=args.num_readers)
         try:
-            for task in args.tasks.split(","):
-                results.append(run_task(task, args, pool))
-            her2 = next((r for r in results if r["task"] == "her2"), None)
+            if args.giga_only:
+                her2 = saved_her2_models(args)
+            else:
+                for task in args.tasks.split(","):
+                    results.append(run_task(task, args, pool))
+                her2 = next((r for r in results if r["task"] == "her2"), None)
             if her2 is not None and not args.skip_giga:
                 giga = gigapixel_timing(her2, args, pool)
         finally:
