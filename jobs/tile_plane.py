@@ -261,6 +261,11 @@ class TilePool:
                 return sum(self._pixels_level0.values())
             return self._pixels_level0.get(_slide_key(slide_path), 0)
 
+    def fraction_read_level0(self, slide_path: str | Path, level0_dims: tuple[int, int]) -> float:
+        """Level-0 pixels read from the slide over its level-0 area (overlapping reads count each time)."""
+        width, height = level0_dims
+        return self.pixels_read_level0(slide_path) / float(width * height)
+
     def pixels_read_by_slide(self) -> dict[str, int]:
         """A copy of the per-slide totals, keyed by absolute slide path."""
         with self._lock:

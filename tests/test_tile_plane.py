@@ -124,6 +124,8 @@ def test_pixel_accounting_counts_level0_box_areas_per_slide(
     assert pool.pixels_read_level0(other) == 300 * 200
     assert pool.pixels_read_level0(shared_slides / "broken" / "unreadable.svs") == 0
     assert pool.pixels_read_level0() == 256 * 256 + 1024 * 512 + 300 * 200
+    assert pool.fraction_read_level0(slide_path, (2048, 1536)) == (256 * 256 + 1024 * 512) / (2048 * 1536)
+    assert pool.pixels_read_by_slide() == {slide_path: 256 * 256 + 1024 * 512, other: 300 * 200}
     # relative and absolute spellings of a path are one slide
     relative = os.path.relpath(slide_path)
     pool.read([TileRequest(relative, Level0Box(0, 0, 100, 100))])
