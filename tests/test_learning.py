@@ -1,0 +1,66 @@
+"""Proof that the two attention stages learn, at CI size (longer runs with figures:
+benchmarks/bench_learning.py).
+
+1. The agent alone, on tiles whose label shows only in the top-left corner: accuracy rises from chance
+   and its glimpses move into that corner.
+2. The SAM alone (``training_step`` in separate mode, SAM phase), on toy slides whose label shows only
+   inside a tumour: the attention mass moves onto the tumour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from dual_attention.toy_tasks import (
+    LABEL_REGION_PX,
+    glimpses_in_label_region,
+    train_agent_on_region_task,
+    train_sam_on_toy_slides,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def location_histogram(locations_xy: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Share of glimpses per cell of a bins x bins grid over the tile (rows: y, top first)."""
+    flat = locations_xy.reshape(-1, 2)
+    histogram, _, _ = np.histogram2d(flat[:, 1], flat[:, 0], bins=bins, range=[[-1, 1], [-1, 1]])
+    return histogram / len(flat)
+
+
+def test_agent_learns_to_look_where_the_label_is() -> None:
+    before, after, history = train_agent_on_region_task(steps=80, seed=0)
+    glimpse_px = 8
+    seen_before = glimpses_in_label_region(before.locations_xy, glimpse_px).any(axis=1).mean()
+    seen_after = glimpses_in_label_region(after.locations_xy, glimpse_px).any(axis=1).mean()
+    print(f"\nlabel region: top-left {LABEL_REGION_PX}px of 64px")
+    print(f"before: accuracy {before.accuracy:.2f}, tiles with a glimpse on the label {seen_before:.2f}, "
+          f"glimpse share on a 4x4 grid (top row first)\n{location_histogram(before.locations_xy).round(2)}")
+    print(f"after:  accuracy {after.accuracy:.2f}, tiles with a glimpse on the label {seen_after:.2f}, "
+          f"glimpse share on a 4x4 grid\n{location_histogram(after.locations_xy).round(2)}")
+    assert before.accuracy < 0.7 and seen_before < 0.2, "the task must not be solvable from the start"
+    assert after.accuracy >= 0.9
+    assert seen_after >= 0.9
+    # the top-left cell (16 px) lies inside the 24 px label region
+    assert location_histogram(after.locations_xy)[0, 0] > location_histogram(before.locations_xy)[0, 0] + 0.2
+    assert np.mean([h["accuracy"] for h in history[-10:]]) > np.mean([h["accuracy"] for h in history[:10]])
+
+
+def test_soft_attention_learns_to_attend_to_the_tumour() -> None:
+    before, after, history, _, _ = train_sam_on_toy_slides(steps=80, seed=0, beta=0.01)
+    print(f"\nattention mass on tumour / on tissue: before {before:.3f}, after {after:.3f} "
+          f"(tumour is about 10% of tissue); SAM head accuracy, last 10 steps: "
+          f"{np.mean([h['sam_accuracy'] for h in history[-10:]]):.2f}")
+    assert before < 0.2, "a fresh SAM is uniform: mass on tumour is about its area share"
+    assert after > 0.5, "more attention inside the tumour than outside it"
+    assert np.mean([h["sam_ce"] for h in history[-10:]]) < np.mean([h["sam_ce"] for h in history[:10]])
