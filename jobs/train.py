@@ -632,12 +632,14 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
     model_name = model_name or tracking.default_model_name(config.task)
     cross_validation = len(val_folds) > 1
     outcomes: list[FoldOutcome] = []
-    parent = mlflow.start_run(run_id=state.get("parent_run_id")) if cross_validation and state.get("parent_run_id") \
-        else (mlflow.start_run(run_name=f"{run_dir.name}-cv") if cross_validation else None)
+    parent = None  # with cross-validation, one parent MLflow run holds the fold runs and the pooled metrics
+    if cross_validation:
+        parent = mlflow.start_run(run_id=state["parent_run_id"]) if state.get("parent_run_id") else \
+            mlflow.start_run(run_name=f"{run_dir.name}-cv")
     try:
         if parent is not None:
             state["parent_run_id"] = parent.info.run_id
-            if "params_logged" not in state:
+            if not state.get("params_logged"):
                 tracking.log_config(config, extra={"val_folds": list(val_folds), "manifest": str(manifest)})
                 state["params_logged"] = True
             _log_skipped(cohort.skipped)
@@ -838,8 +840,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             config = DualAttentionConfig.from_yaml(resume / "config.yaml")
             overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
             config = config.with_overrides(overrides)
-            report = _read_json(resume / "report.json")
-            manifest = args.manifest or report.get("manifest") or _read_json(resume / "state.json").get("manifest")
+            manifest = args.manifest or _read_json(resume / "state.json").get("manifest")
         elif (resume / "model.pt").is_file() or resume.name == "model.pt":
             from dual_attention.checkpoint import load_checkpoint
 
@@ -864,14 +865,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _read_json(run_dir / "state.json")
     state["manifest"] = str(Path(manifest).resolve())
-    _write_json(run_dir / "state.json", state)
 
     if args.all_folds:
         from dual_attention.manifest import read_manifest
 
         val_folds = sorted(set(read_manifest(manifest).column("fold").to_pylist()))
     else:
-        val_folds = [config.train.val_fold]
+        val_folds = state.get("val_folds") if args.resume and state.get("val_folds") else [config.train.val_fold]
+    state["val_folds"] = val_folds
+    _write_json(run_dir / "state.json", state)
     report = run_training(
         config, manifest, run_dir, val_folds=val_folds, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,

@@ -1,0 +1,120 @@
+"""MLflow helpers (local sqlite store, params, registration, loading by alias) and overlay pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dual_attention.checkpoint import save_checkpoint
+from dual_attention.config import preset
+from dual_attention.models import DualAttentionModel
+from dual_attention.pipeline import SlideScore, TileScore
+from dual_attention.slides import Level0Box
+from jobs import tracking
+from jobs.overlays import overlay_figure, save_slide_score_overlay
+
+
+def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri(tmp_path, "sqlite:////x/y.db") == "sqlite:////x/y.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="--mlflow-uri"):
+        tracking.resolve_tracking_uri(None)
+
+
+def test_config_flattens_to_dotted_params_and_only_finite_numbers_are_metrics() -> None:
+    config = preset("cpu-small")
+    flat = tracking.flatten_params(config.to_dict())
+    assert flat["loss.alpha"] == "0.5" and flat["train.mode"] == "joint" and flat["task"] == "her2"
+    assert not any(isinstance(v, dict) for v in flat.values())
+    assert len(flat) == sum(len(v) if isinstance(v, dict) else 1 for v in config.to_dict().values())
+    metrics = tracking.numeric_metrics({"a": 1, "b": 2.5, "c": float("nan"), "d": "text", "e": True})
+    assert metrics == {"a": 1.0, "b": 2.5}
+
+
+def test_load_registered_model_refuses_an_unknown_reference(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither models:/NAME@ALIAS"):
+        tracking.load_registered_model(tmp_path / "nothing-here")
+
+
+@pytest.mark.slow
+def test_register_then_load_by_alias_and_predict_through_pyfunc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  shared_slides: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = preset("cpu-small")
+    model = DualAttentionModel(config)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, config, extra={"epoch": 4}).parent
+    run_dir = tmp_path / "run"
+    tracking.setup_mlflow(run_dir, experiment="tracking-test")
+    try:
+        with mlflow.start_run(run_name="t") as run:
+            tracking.log_config(config)
+            tracking.log_metrics({"loss": 1.5, "skip": float("nan")}, step=3)
+            registered = tracking.register_model(checkpoint, config.class_names, "dual-attention-test", "candidate")
+        client = mlflow.MlflowClient()
+        data = client.get_run(run.info.run_id).data
+        assert data.params["loss.alpha"] == "0.5" and data.params["config_digest"] == config.digest()
+        assert data.metrics == {"loss": 1.5}
+        assert registered.version == "1" and registered.model_uri == "models:/dual-attention-test@candidate"
+        assert (run_dir / "mlflow.db").is_file() and (run_dir / "mlartifacts").is_dir()
+
+        loaded, loaded_config, meta = tracking.load_registered_model(registered.model_uri)
+        assert meta == {"name": "dual-attention-test", "version": "1", "alias": "candidate",
+                        "source": meta["source"]}
+        assert loaded_config.digest() == config.digest()
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
+            assert np.array_equal(a.numpy(), b.numpy())
+        by_path, _, path_meta = tracking.load_registered_model(checkpoint)
+        assert path_meta["version"] is None and path_meta["source"] == str(checkpoint.resolve())
+
+        # the registered pyfunc scores a real slide file by itself, with the signature's columns
+        pyfunc = mlflow.pyfunc.load_model(registered.model_uri)
+        assert [c.name for c in pyfunc.metadata.get_input_schema().inputs] == ["slide_path", "seed"]
+        slide = str(shared_slides / "aperio" / "CMU-1-Small-Region.svs")
+        frame = pyfunc.predict(pd.DataFrame({"slide_path": [slide], "seed": [5]}))
+        assert list(frame.columns) == tracking.output_columns(config.class_names)
+        direct = tracking.score_slide_file(loaded, loaded_config, slide, seed=5)
+        assert frame.iloc[0]["predicted_class"] == direct["predicted_class"]
+        assert frame.iloc[0]["prob_3+"] == pytest.approx(direct["prob_3+"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _fake_score(thumbnail_hw: tuple[int, int], downsample: int) -> SlideScore:
+    height, width = thumbnail_hw
+    attention = np.random.default_rng(0).random((height, width))
+    boxes = [Level0Box(0, 0, 256, 256), Level0Box(width * downsample - 256, height * downsample - 256, 256, 256)]
+    tiles = [TileScore(level0_box=b, attention_weight=0.5, predicted_class=i, class_probabilities=[0.7, 0.3],
+                       glimpse_trail_level0=[(b.x0 + 10.0, b.y0 + 10.0), (b.x0 + 200.0, b.y0 + 128.0)])
+             for i, b in enumerate(boxes)]
+    return SlideScore(predicted_class=0, predicted_label="intact", class_probabilities=[0.6, 0.4], confidence=0.6,
+                      tiles=tiles, attention_map=attention / attention.sum(), level0_pixels_read=2 * 256 * 256,
+                      fraction_level0_read=0.1)
+
+
+def test_overlay_png_shows_the_tiles_where_they_are(tmp_path: Path) -> None:
+    thumbnail = np.full((48, 64, 3), 255, np.uint8)
+    score = _fake_score((48, 64), 32)
+    path = save_slide_score_overlay(tmp_path / "o.png", thumbnail, score, 32, title="t", class_names=("a", "b"))
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape[0] > 100 and image.shape[1] > 400  # two panels
+    # tile colours (cyan for tile 1) appear on a white thumbnail only because boxes were drawn
+    cyan = (image[..., 0] < 60) & (image[..., 1] > 200) & (image[..., 2] > 200)
+    assert cyan.sum() > 20
+
+
+def test_overlay_refuses_mismatched_inputs_by_name() -> None:
+    thumbnail = np.zeros((48, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="attention_map shape"):
+        overlay_figure(thumbnail, np.zeros((10, 10)), [], 32)
+    with pytest.raises(ValueError, match="glimpse trails"):
+        overlay_figure(thumbnail, None, [Level0Box(0, 0, 32, 32)], 32, glimpse_trails_level0=[])

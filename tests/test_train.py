@@ -1,0 +1,180 @@
+"""Training job: batch sampler and optimiser units, then one real 2-worker Ray Train run on a tiny synthetic
+cohort with a broken slide (MLflow run, registered model, scoring from the checkpoint), and its resumption
+with an injected worker failure."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dual_attention.checkpoint import load_checkpoint
+from dual_attention.config import preset
+from dual_attention.manifest import read_manifest, write_manifest
+from dual_attention.models import DualAttentionModel
+from jobs.train import build_optimizer, class_balanced_batches, main, steps_per_epoch
+
+# -- units ---------------------------------------------------------------------------------------------------
+
+
+def test_every_batch_holds_every_class_and_classes_are_drawn_evenly() -> None:
+    labels = [0, 0, 0, 0, 0, 1, 2, 2, 3, 3, 3]
+    batches = class_balanced_batches(labels, 4, 5, 40, np.random.default_rng(7))
+    assert len(batches) == 40
+    for batch in batches:
+        assert len(batch) == 5
+        assert {labels[i] for i in batch} == {0, 1, 2, 3}
+    # within a class every slide is drawn once before any is drawn twice: counts differ by at most one
+    per_slide = Counter(i for batch in batches[:8] for i in batch)
+    class2 = [per_slide[i] for i in (6, 7)]
+    assert max(class2) - min(class2) <= 1
+    # the same generator seed gives the same plan (every worker computes the same plan)
+    assert batches == class_balanced_batches(labels, 4, 5, 40, np.random.default_rng(7))
+
+
+def test_batch_sampler_refuses_impossible_plans_naming_the_cause() -> None:
+    with pytest.raises(ValueError, match="train.slides_per_batch"):
+        class_balanced_batches([0, 1, 2, 3], 4, 3, 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"class\(es\) \[2\]"):
+        class_balanced_batches([0, 1, 3, 3], 4, 4, 1, np.random.default_rng(0))
+
+
+def test_steps_per_epoch_covers_the_training_slides_once_across_workers() -> None:
+    config = preset("cpu-small")  # 4 slides per batch
+    assert steps_per_epoch(config, 16, 2) == 2
+    assert steps_per_epoch(config, 17, 2) == 3
+    assert steps_per_epoch(config.with_overrides({"train.steps_per_epoch": 5}), 16, 2) == 5
+
+
+def test_optimizer_has_the_sam_and_agent_learning_rates_over_all_parameters() -> None:
+    config = preset("cpu-small").with_overrides({"train.lr_sam": 1e-4, "train.lr_agent": 3e-3})
+    model = DualAttentionModel(config)
+    optimizer, scheduler = build_optimizer(model, config)
+    sam_group, agent_group = optimizer.param_groups
+    assert (sam_group["lr"], agent_group["lr"]) == (1e-4, 3e-3)
+    sam_ids = {id(p) for p in sam_group["params"]}
+    agent_ids = {id(p) for p in agent_group["params"]}
+    assert not sam_ids & agent_ids
+    assert sam_ids | agent_ids == {id(p) for p in model.parameters()}
+    assert {id(p) for p in model.agent.parameters()} <= agent_ids
+    assert {id(p) for p in model.soft_attention.parameters()} <= sam_ids
+    for _ in range(config.train.lr_step_size):
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * config.train.lr_gamma)
+
+
+def test_resume_from_something_that_is_neither_a_run_nor_a_checkpoint_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+
+
+# -- a real run ------------------------------------------------------------------------------------------------
+
+BROKEN_ID = "broken-slide"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight 2048² synthetic HER2 slides in two folds (every class in each), plus a row for a broken file."""
+    from dual_attention.synthetic import write_cohort
+
+    root = tmp_path_factory.mktemp("train-cohort")
+    manifest = write_cohort(root, "her2", 8, seed=3, slide_level0_px=2048, n_folds=2, progress=False)
+    broken = root / "slides" / "broken.svs"
+    broken.write_bytes(b"this is not a slide\n" * 64)
+    rows = read_manifest(manifest).to_pylist()
+    rows.append(dict(rows[0], slide_id=BROKEN_ID, path=str(broken), label=3, fold=0))
+    return write_manifest(rows, root / "manifest_with_broken.parquet")
+
+
+def _mlflow_client(run_dir: Path):  # noqa: ANN202
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+@pytest.fixture(scope="module")
+def trained_run(ray_cluster: None, cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("train-run") / "run"
+    code = main(["--manifest", str(cohort), "--preset", "cpu-small", "--epochs", "2", "--num-workers", "2",
+                 "--val-fold", "1", "--run-dir", str(run_dir), "--device", "cpu", "--overlays-per-epoch", "1"])
+    assert code == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_worker_run_logs_to_mlflow_registers_and_skips_the_broken_slide(trained_run: Path, cohort: Path) -> None:
+    report = json.loads((trained_run / "report.json").read_text())
+    assert [s["slide_id"] for s in report["slides_skipped"]] == [BROKEN_ID]
+    assert "broken.svs" in report["slides_skipped"][0]["reason"]
+    assert report["slides_used"] == 8
+    (fold,) = report["folds"]
+    assert fold["val_fold"] == 1 and fold["epochs_done"] == 2 and fold["error"] is None
+    assert fold["final_metrics"]["val_n_slides"] == 4  # fold 1 of the 8 good slides
+
+    client, uri = _mlflow_client(trained_run)
+    run = client.get_run(fold["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.alpha"] == "0.5" and run.data.params["train.num_workers"] == "2"
+    assert run.data.params["config_digest"] == report["config_digest"]
+    for name in ("train_l_j", "train_l_sa", "train_l_ha", "val_accuracy", "train_tile_wait_seconds",
+                 "level0_pixels_read"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [0, 1], name
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "level0_pixels_read"))
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints/checkpoint_epoch_001")}
+    assert "checkpoints/checkpoint_epoch_001/model.pt" in artifacts
+    overlays = [f.path for f in client.list_artifacts(run.info.run_id, "overlays/epoch_001")]
+    assert len(overlays) == 1 and overlays[0].endswith(".png")
+    skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "slides_skipped.json")).read_text())
+    assert [s["slide_id"] for s in skipped["slides_skipped"]] == [BROKEN_ID]
+
+    from jobs.tracking import load_registered_model, score_slide_file
+
+    model, config, meta = load_registered_model("models:/dual-attention-her2@candidate", tracking_uri=uri)
+    assert meta["name"] == "dual-attention-her2" and meta["alias"] == "candidate" and meta["version"] == "1"
+    assert config.digest() == report["config_digest"]
+    good = [r for r in read_manifest(cohort).to_pylist() if r["slide_id"] != BROKEN_ID]
+    scored = score_slide_file(model, config, good[0]["path"], seed=0)
+    probabilities = [scored[f"prob_{name}"] for name in config.class_names]
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert scored["predicted_class"] == int(np.argmax(probabilities))
+
+    # the checkpoint folder Ray Train kept loads the same weights
+    checkpoint_model, _, extra = load_checkpoint(fold["checkpoint"])
+    assert extra["epoch"] == 1
+    for (name, a), b in zip(checkpoint_model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_next_epoch_and_survives_a_lost_worker(trained_run: Path) -> None:
+    ray_dir = trained_run / "ray" / "fold1"
+    first = {p.parent.name: p.stat().st_mtime_ns for p in ray_dir.glob("checkpoint_epoch_*/model.pt")}
+    assert sorted(first) == ["checkpoint_epoch_000", "checkpoint_epoch_001"]
+
+    # one more epoch; a worker dies at its start, so Ray Train restarts the group from the epoch-1 checkpoint
+    code = main(["--resume", str(trained_run), "--epochs", "3", "--inject-failure-at-epoch", "2"])
+    assert code == 0
+    assert (trained_run / "failed_once_fold1").is_file()  # the failure really happened
+    after = {p.parent.name: p.stat().st_mtime_ns for p in ray_dir.glob("checkpoint_epoch_*/model.pt")}
+    assert sorted(after) == ["checkpoint_epoch_000", "checkpoint_epoch_001", "checkpoint_epoch_002"]
+    assert {k: after[k] for k in first} == first  # epochs 0 and 1 were not trained again
+    _, _, extra = load_checkpoint(ray_dir / "checkpoint_epoch_002")
+    assert extra["epoch"] == 2
+
+    report = json.loads((trained_run / "report.json").read_text())
+    (fold,) = report["folds"]
+    assert fold["epochs_done"] == 3
+    client, _ = _mlflow_client(trained_run)
+    history = client.get_metric_history(fold["mlflow_run_id"], "train_l_j")  # the same MLflow run, extended
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    versions = client.search_model_versions("name='dual-attention-her2'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert str(client.get_model_version_by_alias("dual-attention-her2", "candidate").version) == "2"
