@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +89,211 @@ def test_unreadable_space_file_is_named(tmp_path: Path) -> None:
     broken.write_text("loss.alpha: [unclosed\n")
     with pytest.raises(SearchSpaceError, match="broken.yaml"):
         load_space(broken, preset("cpu-small"))
+
+
+# -- searches over the real training job (Ray) ---------------------------------------------------------------
+
+EPOCHS = 3
+# val_combined_points (HER2 contest agreement points x confidence) rather than the default agreement
+# points: on four validation slides and three one-step epochs, points alone tie between trials, and ASHA
+# never stops a trial that ties at a rung.
+METRIC = "val_combined_points"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small synthetic HER2 slides in two folds (each fold holds every class)."""
+    from dual_attention.synthetic import write_cohort
+
+    return write_cohort(tmp_path_factory.mktemp("tune-cohort"), "her2", 8, seed=3, slide_level0_px=2048,
+                        n_folds=2, progress=False)
+
+
+def search_args(manifest: Path, storage: Path, name: str, num_samples: int, epochs: int = EPOCHS) -> list[str]:
+    """A tiny sequential search: one Train worker per trial, one step per epoch, trials one at a time so
+    that ASHA sees them in a fixed order (training is seeded, so its decisions repeat)."""
+    return ["--manifest", str(manifest), "--preset", "cpu-small", "--epochs", str(epochs), "--num-workers", "1",
+            "--set", "train.steps_per_epoch=1", "--num-samples", str(num_samples), "--max-concurrent", "1",
+            "--metric", METRIC, "--storage-path", str(storage), "--name", name, "--train-poll-s", "0.2",
+            "--seed", "0", "--device", "cpu"]
+
+
+def _mlflow_client(experiment_dir: Path):  # noqa: ANN202
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{experiment_dir / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _children(client, parent_run_id: str) -> list:  # noqa: ANN001
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiment_ids, filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def _free_cpus_settle(expected: float, timeout_s: float = 30.0) -> float:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < expected - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free = ray.available_resources().get("CPU", 0.0)
+    return free
+
+
+@pytest.mark.slow
+def test_four_trial_search_stops_early_registers_best_and_logs_parent_and_children(
+    ray_cluster: None, cohort: Path, tmp_path: Path
+) -> None:
+    import matplotlib.image
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.tracking import load_registered_model
+    from tune.search import main
+
+    free_before = ray.available_resources().get("CPU", 0.0)
+    started = time.perf_counter()
+    assert main(search_args(cohort, tmp_path, "search", num_samples=4)) == 0
+    wall = time.perf_counter() - started
+    experiment_dir = tmp_path / "search"
+    report = json.loads((experiment_dir / "results" / "report.json").read_text())
+    print(f"\n4-trial search wall time: {wall:.1f}s; report: {json.dumps(report, default=str)[:1500]}")
+
+    table = pq.read_table(experiment_dir / "results" / "trials.parquet").to_pylist()
+    assert len(table) == 4 and all(row["status"] == "TERMINATED" for row in table)
+    assert sum(row["is_centre"] for row in table) == 1  # the preset's own values were evaluated
+    centre = next(row for row in table if row["is_centre"])
+    assert (centre["loss.alpha"], centre["loss.delta"], centre["sampler.noise_low"], centre["sampler.noise_high"]) \
+        == (0.5, 1.0, 0.0, 1.0)
+    assert all(row["sampler.noise_high"] > row["sampler.noise_low"] for row in table)
+    # ASHA cut at least one trial short; at least one ran every epoch
+    assert any(row["stopped_early"] and row["epochs_done"] < EPOCHS for row in table)
+    assert any(row["epochs_done"] == EPOCHS for row in table)
+    assert report["stopped_early"] == sum(row["stopped_early"] for row in table)
+    assert (experiment_dir / "results" / "trials.csv").read_text().count("\n") == 5
+
+    # the best trial is the one with the best metric at any epoch, and it was reported and registered
+    best = max(table, key=lambda row: row[f"{METRIC}_best"])
+    assert report["best"]["trial_id"] == best["trial_id"]
+    assert report["best"]["metric_best"] == pytest.approx(best[f"{METRIC}_best"])
+    client, uri = _mlflow_client(experiment_dir)
+    model, config, meta = load_registered_model("models:/dual-attention-her2@best-search", tracking_uri=uri)
+    assert meta["alias"] == "best-search" and report["registered"]["version"] == meta["version"]
+    assert config.loss.alpha == pytest.approx(best["loss.alpha"])
+    assert config.loss.delta == pytest.approx(best["loss.delta"])
+    assert config.sampler.noise_high == pytest.approx(best["sampler.noise_high"])
+    assert Path(best["best_checkpoint"]).name == f"checkpoint_epoch_{best['best_epoch']:03d}"
+
+    # MLflow: one parent run for the search, one child per trial with its epochs
+    parent = client.get_run(report["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["search"] == "true"
+    assert parent.data.tags["best_trial_id"] == best["trial_id"]
+    assert parent.data.metrics[f"best_{METRIC}"] == pytest.approx(best[f"{METRIC}_best"])
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.parquet", "trials.csv", "metric_vs_params.png", "space.yaml"} <= artifacts
+    children = _children(client, parent.info.run_id)
+    assert sorted(c.data.tags["tune_trial_id"] for c in children) == sorted(row["trial_id"] for row in table)
+    for child in children:
+        row = next(r for r in table if r["trial_id"] == child.data.tags["tune_trial_id"])
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["stopped_early"] == str(row["stopped_early"]).lower()
+        assert float(child.data.params["loss.alpha"]) == pytest.approx(row["loss.alpha"])
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, METRIC)]
+        assert sorted(steps) == list(range(row["epochs_done"]))
+    registered_in = client.get_run(parent.data.tags["best_child_run_id"])
+    assert registered_in.data.tags["tune_trial_id"] == best["trial_id"]
+
+    image = matplotlib.image.imread(experiment_dir / "results" / "metric_vs_params.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+
+    # stopped trials gave back their Train workers' placement groups
+    assert _free_cpus_settle(free_before) == pytest.approx(free_before)
+
+
+def _tune_statuses(experiment_dir: Path) -> dict[str, str]:
+    """Trial id -> status in the experiment state Tune last saved (what a resumed search starts from)."""
+    states = sorted(experiment_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (OSError, json.JSONDecodeError):  # being rewritten
+        return {}
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return {trial["trial_id"]: trial["status"] for trial in trials}
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_rerunning_its_finished_trial(
+    ray_cluster: None, cohort: Path, tmp_path: Path
+) -> None:
+    from tune.search import main
+
+    epochs = 2
+    experiment_dir = tmp_path / "resumable"
+    runner = (
+        "import sys, ray\n"
+        "ray.init(address='local', num_cpus=4, include_dashboard=False, _node_ip_address='127.0.0.1', "
+        "log_to_driver=False)\n"
+        "from tune.search import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+               TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log = (tmp_path / "first-run.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", runner, *search_args(cohort, tmp_path, "resumable", num_samples=2, epochs=epochs)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "TERMINATED" not in _tune_statuses(experiment_dir).values():
+            assert process.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished within 240 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        process.wait()
+        log.close()
+    statuses = _tune_statuses(experiment_dir)
+    (finished,) = [trial_id for trial_id, status in statuses.items() if status == "TERMINATED"]
+    finished_dir = experiment_dir / "trial_runs" / finished / "ray" / "fold0"
+    checkpoints_before = {p.name: p.stat().st_mtime_ns for p in finished_dir.glob("checkpoint_epoch_*")}
+    assert len(checkpoints_before) == epochs
+    client, _ = _mlflow_client(experiment_dir)
+    parent_run_id = json.loads((experiment_dir / "search.json").read_text())["parent_run_id"]
+
+    assert main(["--resume", str(experiment_dir)]) == 0
+
+    report = json.loads((experiment_dir / "results" / "report.json").read_text())
+    assert report["trials"] == 2 and report["errored"] == 0
+    assert set(_tune_statuses(experiment_dir)) == set(statuses)  # the same trials, none added or lost
+    # the finished trial was not trained again: its checkpoints are the ones written before the kill
+    assert {p.name: p.stat().st_mtime_ns for p in finished_dir.glob("checkpoint_epoch_*")} == checkpoints_before
+    children = _children(client, parent_run_id)
+    assert sorted(c.data.tags["tune_trial_id"] for c in children) == sorted(statuses)  # one child run per trial
+    finished_child = next(c for c in children if c.data.tags["tune_trial_id"] == finished)
+    assert sorted(m.step for m in client.get_metric_history(finished_child.info.run_id, METRIC)) == [0, 1]
+    assert report["mlflow"]["parent_run_id"] == parent_run_id
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
+
+
+def test_invalid_space_is_refused_before_any_trial_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tune.search import main
+
+    cohort = tmp_path / "manifest.parquet"
+    cohort.write_bytes(b"")  # never read: the space is refused first
+
+    space = tmp_path / "bad-space.yaml"
+    space.write_text(yaml.safe_dump({"loss.alpha": {"sample": "uniform", "low": 0.2, "high": 1.5},
+                                     "loss.delta": {"sample": "loguniform", "low": 0.1, "high": 10.0}}))
+    code = main(search_args(cohort, tmp_path, "refused", num_samples=2) + ["--space", str(space)])
+    assert code == 2
+    assert "loss.alpha" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()  # nothing was written, no trial started
+
+    space.write_text(yaml.safe_dump({"sampler.noise_low": {"sample": "uniform", "low": -1.0, "high": 0.5},
+                                     "sampler.noise_high": {"sample": "uniform", "low": 0.25, "high": 1.0}}))
+    assert main(search_args(cohort, tmp_path, "refused", num_samples=2) + ["--space", str(space)]) == 2
+    assert "sampler.noise_high" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
