@@ -22,11 +22,16 @@ import torch
 import yaml
 
 from dual_attention.checkpoint import load_checkpoint, save_checkpoint
-from dual_attention.config import preset
+from dual_attention.config import CLASS_NAMES, preset
 from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import SlideScore, score_slide
 from dual_attention.slides import open_slide, tissue_mask
 from dual_attention.synthetic import write_synthetic_slide
+from jobs.tracking import RegisteredModel, register_model, sqlite_uri
+from serve.model_source import load_model, pin_model_uri
+
+# Starting Ray Serve with two applications takes 30-100 s on the shared 2-core machine.
+pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -41,6 +46,8 @@ class Service:
     upload_dir: Path
     checkpoint: Path
     outside_slide: Path
+    tracking_uri: str
+    model_name: str
 
     def client(self, token: bool = True) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=AUTH if token else {}, timeout=120)
@@ -50,6 +57,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _register(tracking_uri: str, checkpoint: Path, name: str = "her2-serve-test") -> RegisteredModel:
+    """Register the checkpoint in the sqlite registry and point the alias 'champion' at it."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mlflow.set_experiment("serve-test")
+        with mlflow.start_run():
+            return register_model(checkpoint, CLASS_NAMES["her2"], name, alias="champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _write_blank_slide(path: Path) -> None:
@@ -71,6 +92,8 @@ def service(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     config = preset("cpu-small")
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp / "checkpoint", DualAttentionModel(config).eval(), config).parent
+    tracking_uri = sqlite_uri(tmp / "mlflow.db")
+    registered = _register(tracking_uri, checkpoint)
     write_synthetic_slide(slide_root / "her2-2.tiff", "her2", label=2, seed=1,
                           width_level0_px=2048, height_level0_px=2048)
     write_synthetic_slide(outside / "secret.tiff", "her2", label=0, seed=2,
@@ -87,14 +110,17 @@ def service(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"slide_root": str(slide_root), "upload_dir": str(upload_dir), "tile_readers": 1}
-    good = build_app({**common, "model": str(checkpoint), "api_token": TOKEN, "max_upload_mb": MAX_UPLOAD_MB})
+    # The main app loads from the registry by alias; the broken one from a checkpoint path.
+    good = build_app({**common, "model": registered.model_uri, "tracking_uri": tracking_uri, "api_token": TOKEN,
+                      "max_upload_mb": MAX_UPLOAD_MB})
     broken = build_app({**common, "model": str(broken_checkpoint)})
     # Both at once: their replicas start in parallel.
     serve.run_many([serve.RunTarget(good, name="dual-attention-test", route_prefix="/"),
                     serve.RunTarget(broken, name="broken-model", route_prefix="/broken")])
     try:
         yield Service(url=f"http://127.0.0.1:{port}", slide_root=slide_root, upload_dir=upload_dir,
-                      checkpoint=checkpoint, outside_slide=outside / "secret.tiff")
+                      checkpoint=checkpoint, outside_slide=outside / "secret.tiff", tracking_uri=tracking_uri,
+                      model_name=registered.name)
     finally:
         serve.shutdown()
 
@@ -154,7 +180,27 @@ def test_http_score_equals_in_process_scoring(service: Service) -> None:
         model = client.get("/v1/model").json()
         _, config, _ = load_checkpoint(service.checkpoint)
         assert model["config_digest"] == config.digest() == body["model"]["config_digest"]
-        assert model["name"] == "checkpoint" and model["version"] is None and model["task"] == "her2"
+        assert (model["name"], model["version"], model["alias"]) == (service.model_name, "1", "champion")
+        assert model["uri"] == f"models:/{service.model_name}/1" and model["task"] == "her2"
+
+
+def test_alias_is_pinned_at_deploy_and_a_redeploy_picks_up_the_new_version(service: Service,
+                                                                            tmp_path: Path) -> None:
+    """Moving the alias does not change a running app (both stages keep the version pinned when it was
+    built); the next build pins, and loads, the new version."""
+    config = preset("cpu-small")
+    torch.manual_seed(1)
+    new_model = DualAttentionModel(config).eval()
+    new_checkpoint = save_checkpoint(tmp_path / "v2", new_model, config).parent
+    moved = _register(service.tracking_uri, new_checkpoint, service.model_name)
+    assert moved.version == "2"
+    with service.client() as client:
+        assert client.get("/v1/model").json()["version"] == "1"
+    ref = pin_model_uri(f"models:/{service.model_name}@champion", service.tracking_uri)
+    assert (ref.uri, ref.version, ref.alias) == (f"models:/{service.model_name}/2", "2", "champion")
+    loaded, _, _ = load_model(ref, service.tracking_uri)
+    for key, value in new_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_request_parameters_match_in_process(service: Service) -> None:
