@@ -27,6 +27,8 @@ from sklearn.cluster import KMeans
 from dual_attention.config import SamplerConfig
 from dual_attention.slides import Level0Box, thumb_to_level0_box
 
+KMEANS_MAX_FIT_PX = 100_000  # k-means on 1-D values: a subsample this large fixes the 3 centres well
+
 
 @dataclass
 class SampledLocations:
@@ -77,10 +79,13 @@ def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str,
     if kind == "tumour":
         if distinct.size < 3:
             return tissue
-        kmeans = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(values.reshape(-1, 1))
+        fit_values = values
+        if values.size > KMEANS_MAX_FIT_PX:  # large thumbnails: fit on a seeded subsample, assign all
+            fit_values = np.random.default_rng(seed).choice(values, KMEANS_MAX_FIT_PX, replace=False)
+        kmeans = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(fit_values.reshape(-1, 1))
         best = int(np.argmax(kmeans.cluster_centers_[:, 0]))
         region = np.zeros_like(tissue)
-        region[tissue] = kmeans.labels_ == best
+        region[tissue] = kmeans.predict(values.reshape(-1, 1)) == best
         return region
     raise ValueError(f"unknown attention mask kind {kind!r}; expected 'positive' or 'tumour'")
 

@@ -159,3 +159,11 @@ def test_locations_map_to_level0_boxes_by_the_slides_mapping() -> None:
     boxes = locations_to_level0_boxes(centres, downsample=32, tile_level0_px=256, level0_dims=(1024, 1024))
     assert boxes == [thumb_to_level0_box((float(r), float(c)), 32, 256, (1024, 1024)) for r, c in centres]
     assert all(0 <= b.x0 <= 1024 - 256 and 0 <= b.y0 <= 1024 - 256 for b in boxes)
+
+
+def test_tumour_region_on_a_large_map_fits_on_a_subsample() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.01, 150_000), rng.normal(0.5, 0.01, 50_000),
+                             rng.normal(0.9, 0.01, 40_000)]).reshape(400, 600)
+    region = attention_region(values, np.ones_like(values, bool), "tumour", seed=0)
+    assert np.array_equal(region, values > 0.7)
