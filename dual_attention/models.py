@@ -18,8 +18,9 @@ Hard attention (high power, one tile at a time; after kevinzakka/recurrent-visua
   drives the location policy (DRAM's split, so the context never leaks the label to the classifier).
 - ``ContextNetwork``: a CNN over the tile downscaled to ``context_px`` in which the finest-scale area of
   every visited glimpse is blacked out (inhibition of return).
-- ``LocationNetwork``: mean = tanh(Linear(h_top ⊙ context)); a Gaussian with fixed std. The sampled
-  location is detached: the policy is trained by REINFORCE (log-probability) only.
+- ``LocationNetwork``: mean = (1 - glimpse/tile)·tanh(Linear(h_top ⊙ context)), so the finest glimpse
+  stays inside the tile; a Gaussian with fixed std. The sampled location is detached: the policy is
+  trained by REINFORCE (log-probability) only.
 - ``ClassifierNetwork``, ``BaselineNetwork``: per-step class log-probabilities and the REINFORCE baseline.
 
 Location convention: (x, y) in [-1, 1]^2 as in ``torch.nn.functional.affine_grid`` with
@@ -240,7 +241,11 @@ class CoreNetwork(nn.Module):
 
 
 class LocationNetwork(nn.Module):
-    """Gaussian policy over the next location: mean tanh(Linear(h_top ⊙ context)), fixed std."""
+    """Gaussian policy over the next location: mean limit·tanh(Linear(h_top ⊙ context)), fixed std.
+
+    ``limit`` (1 - glimpse/tile) keeps the finest glimpse inside the tile: without it the means run to
+    the corners (tanh saturates, and L_bb pushes glimpses apart), where 3/4 of a glimpse is padding.
+    """
 
     def __init__(self, in_features: int, std: float) -> None:
         super().__init__()
@@ -248,18 +253,18 @@ class LocationNetwork(nn.Module):
         self.std = std
 
     def forward(
-        self, features: torch.Tensor, generator: torch.Generator | None, deterministic: bool
+        self, features: torch.Tensor, generator: torch.Generator | None, deterministic: bool, limit: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (mean, location, log_prob). ``location`` is detached: no gradient flows through the
         sample, only through ``log_prob`` (REINFORCE) and ``mean`` (the glimpse-overlap loss)."""
-        mean = torch.tanh(self.fc(features))
+        mean = limit * torch.tanh(self.fc(features))
         if deterministic:
             sample = mean.detach()
         else:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
             sample = (mean + self.std * noise).detach()
         log_prob = torch.distributions.Normal(mean, self.std).log_prob(sample).sum(dim=1)
-        return mean, sample.clamp(-1.0, 1.0), log_prob
+        return mean, sample.clamp(-limit, limit), log_prob
 
 
 class ClassifierNetwork(nn.Module):
@@ -317,6 +322,7 @@ class HardAttentionAgent(nn.Module):
         policy means as locations (evaluation); otherwise locations are drawn with ``generator``."""
         batch, _, tile_px, _ = tiles.shape
         box_fraction = self.glimpse_px / tile_px  # the finest glimpse's side as a fraction of the tile
+        limit = 1.0 - box_fraction  # glimpse centres that keep the finest glimpse inside the tile
         small_tile = self.context.downscale(tiles)
         top_size = self.core.top.hidden_size
         zeros_bottom = tiles.new_zeros(batch, self.core.bottom.hidden_size)
@@ -328,7 +334,7 @@ class HardAttentionAgent(nn.Module):
             context = self.context(inhibition_of_return(small_tile, visited, box_fraction))
             if h_top is None:
                 h_top = context  # DRAM: the context starts the top (location) layer
-            mean, location, log_pi = self.location(h_top * context, generator, deterministic)
+            mean, location, log_pi = self.location(h_top * context, generator, deterministic, limit)
             v = self.glimpse(tiles, location)
             h_bottom, c_bottom = self.core.bottom(v, (h_bottom, c_bottom))
             log_probs.append(self.classifier(h_bottom))
