@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,17 @@ from dual_attention.sliding_window import (
     top_k_aggregate,
     train_patch_classifier,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 cores shared with other jobs, torch's second thread spin-waits and a
+    ResNet18 step runs 10-20x slower (measured); restored afterwards for the other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 WHITE, HAEMATOXYLIN, DAB_BROWN, FAINT_BROWN = (242, 242, 242), (90, 90, 190), (150, 100, 50), (210, 180, 150)
 
@@ -96,9 +109,9 @@ def test_tiny_training_run_learns_brown_versus_blue_patches() -> None:
     rng = np.random.default_rng(0)
     colours = np.array([HAEMATOXYLIN, DAB_BROWN], dtype=np.float64)
     labels = np.tile([0, 1], 16)
-    patches = colours[labels][:, None, None, :] + rng.normal(0, 12, size=(32, 32, 32, 3))
+    patches = colours[labels][:, None, None, :] + rng.normal(0, 12, size=(32, 16, 16, 3))
     patches = np.clip(patches, 0, 255).astype(np.uint8)
-    config = SlidingWindowConfig(patch_px=32, resnet_width=8, epochs=5, batch_size=16, learning_rate=3e-3)
+    config = SlidingWindowConfig(patch_px=16, resnet_width=8, epochs=5, batch_size=16, learning_rate=3e-3)
     model, losses = train_patch_classifier(patches, labels, num_classes=2, config=config, progress=False)
     assert len(losses) == 5 and all(np.isfinite(losses))
     assert losses[-1] < losses[0]
