@@ -10,6 +10,8 @@ The slide (synthetic, 32768² level 0 = 1.07 gigapixels, 40x JPEG pyramid) is wr
 Throughput: every configuration reads the same seeded random 256² level-0 boxes; the raw loop runs
 before and after the pool runs (the mean is the reference, the spread shows drift from other load).
 ``ratio = pool rate / (cores x raw rate)``; ``efficiency = pool rate / (min(actors, cores) x raw rate)``.
+CPU seconds of the driver and all its descendants (actors, raylet, GCS) per tile are measured too: on a
+shared machine wall-clock ratios drift with other load, CPU time per tile much less.
 
 Memory: VmRSS / RssAnon / VmHWM from /proc of the driver and every reader actor, sampled every 50 ms while
 10,000 tiles stream through ``TilePool.iter_read`` (bounded in flight) to a consumer that drops them.
@@ -56,29 +58,83 @@ def random_boxes(size: int, n: int, tile_px: int, seed: int) -> list[Level0Box]:
     return [Level0Box(int(x), int(y), tile_px, tile_px) for x, y in xy]
 
 
-def raw_rate(slide_path: Path, boxes: list[Level0Box]) -> float:
+def slide_size(slide_path: Path) -> int:
+    with open_slide(slide_path) as slide:
+        return min(slide.dimensions)
+
+
+@dataclass
+class Run:
+    """One timed pass over the tiles: wall rate, and CPU seconds spent by the driver and all its descendants
+    (actors, raylet, GCS, idle workers), so overhead shows even when other load distorts wall time."""
+
+    tiles: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.tiles / self.wall_s
+
+    @property
+    def cpu_ms_per_tile(self) -> float:
+        return 1000 * self.cpu_s / self.tiles
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """utime + stime of ``root_pid`` and every descendant now alive (from /proc)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_comm = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(stat_file.parent.name)
+        parent[pid] = int(after_comm[1])
+        cpu[pid] = (int(after_comm[11]) + int(after_comm[12])) / _TICKS
+    total = 0.0
+    for pid, seconds in cpu.items():
+        ancestor = pid
+        while ancestor not in (0, 1, root_pid) and ancestor in parent:
+            ancestor = parent[ancestor]
+        if ancestor == root_pid:
+            total += seconds
+    return total
+
+
+def raw_run(slide_path: Path, boxes: list[Level0Box]) -> Run:
     """One process, one open slide, a plain loop of reads (same read code the actors run)."""
     with open_slide(slide_path) as slide:
+        cpu_started = time.process_time()
         started = time.perf_counter()
         checksum = 0
         for box in boxes:
             checksum += int(slide.read_box(box)[0, 0, 0])
-        elapsed = time.perf_counter() - started
-    return len(boxes) / elapsed
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+    return Run(len(boxes), wall, cpu)
 
 
-def pool_rate(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int) -> float:
+def pool_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int) -> Run:
     from jobs.tile_plane import TilePool, TileRequest
 
     requests = [TileRequest(str(slide_path), box) for box in boxes]
     with TilePool(num_actors=num_actors, batch_size=batch_size, max_in_flight=2 * num_actors) as pool:
-        pool.read(requests[: 4 * num_actors * batch_size])  # warm: actors started, slide open in each
+        # Warm up on other boxes (actors started, slide open in each) so no timed tile is in OpenSlide's cache.
+        warm = random_boxes(slide_size(slide_path), 4 * num_actors * batch_size, boxes[0].width, seed=99)
+        pool.read([TileRequest(str(slide_path), box) for box in warm])
+        cpu_started = tree_cpu_s(os.getpid())
         started = time.perf_counter()
         checksum = 0
         for tile in pool.iter_read(requests):
             checksum += int(tile[0, 0, 0])
-        elapsed = time.perf_counter() - started
-    return len(boxes) / elapsed
+        wall = time.perf_counter() - started
+        cpu = tree_cpu_s(os.getpid()) - cpu_started
+    return Run(len(boxes), wall, cpu)
 
 
 # -- memory --------------------------------------------------------------------------------------------------
@@ -172,31 +228,31 @@ def memory_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_
 
 
 def throughput(args: argparse.Namespace, slide_path: Path, boxes: list[Level0Box]) -> None:
-    raw_before = raw_rate(slide_path, boxes)
-    print(f"raw single process: {raw_before:.0f} tiles/s", flush=True)
-    rows: list[tuple[int, int, float]] = []
-    for batch_size in args.batch_sizes:
-        rate = pool_rate(slide_path, boxes, 2, batch_size)
-        rows.append((2, batch_size, rate))
-        print(f"pool 2 actors, batch {batch_size}: {rate:.0f} tiles/s", flush=True)
-    for num_actors in args.actors:
-        if num_actors == 2 and args.batch_size in args.batch_sizes:
-            continue
-        rate = pool_rate(slide_path, boxes, num_actors, args.batch_size)
-        rows.append((num_actors, args.batch_size, rate))
-        print(f"pool {num_actors} actors, batch {args.batch_size}: {rate:.0f} tiles/s", flush=True)
-    raw_after = raw_rate(slide_path, boxes)
-    print(f"raw single process (again): {raw_after:.0f} tiles/s", flush=True)
-    raw = statistics.mean([raw_before, raw_after])
+    raw_before = raw_run(slide_path, boxes)
+    print(f"raw single process: {raw_before.rate:.0f} tiles/s", flush=True)
+    rows: list[tuple[int, int, Run]] = []
+    configs = [(2, b) for b in args.batch_sizes]
+    configs += [(a, args.batch_size) for a in args.actors if (a, args.batch_size) not in configs]
+    for num_actors, batch_size in configs:
+        run = pool_run(slide_path, boxes, num_actors, batch_size)
+        rows.append((num_actors, batch_size, run))
+        print(f"pool {num_actors} actors, batch {batch_size}: {run.rate:.0f} tiles/s, "
+              f"{run.cpu_ms_per_tile:.2f} CPU ms/tile", flush=True)
+    raw_after = raw_run(slide_path, boxes)
+    print(f"raw single process (again): {raw_after.rate:.0f} tiles/s", flush=True)
+    raw = statistics.mean([raw_before.rate, raw_after.rate])
+    raw_cpu_ms = statistics.mean([raw_before.cpu_ms_per_tile, raw_after.cpu_ms_per_tile])
     print()
-    print(f"Raw single-process loop: {raw_before:.0f} tiles/s before, {raw_after:.0f} after (mean {raw:.0f}); "
-          f"load average now {os.getloadavg()}.")
+    print(f"Raw single-process loop: {raw_before.rate:.0f} tiles/s before the pool runs, {raw_after.rate:.0f} after "
+          f"(mean {raw:.0f}); {raw_cpu_ms:.2f} CPU ms per tile. Load average now {os.getloadavg()}.")
     print()
-    print("| actors | batch size | pool tiles/s | pool ÷ (cores × raw) | pool ÷ (min(actors, cores) × raw) |")
-    print("|---:|---:|---:|---:|---:|")
-    for num_actors, batch_size, rate in sorted(rows):
-        efficiency = rate / (min(num_actors, args.cores) * raw)
-        print(f"| {num_actors} | {batch_size} | {rate:.0f} | {rate / (args.cores * raw):.2f} | {efficiency:.2f} |")
+    print("| actors | batch size | pool tiles/s | pool ÷ (cores × raw) | pool ÷ (min(actors, cores) × raw) "
+          "| CPU ms per tile, all processes | raw CPU ms ÷ pool CPU ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for num_actors, batch_size, run in sorted(rows, key=lambda r: (r[0], r[1])):
+        efficiency = run.rate / (min(num_actors, args.cores) * raw)
+        print(f"| {num_actors} | {batch_size} | {run.rate:.0f} | {run.rate / (args.cores * raw):.2f} | "
+              f"{efficiency:.2f} | {run.cpu_ms_per_tile:.2f} | {raw_cpu_ms / run.cpu_ms_per_tile:.2f} |")
     print()
 
 
@@ -241,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slide {slide_path} ({args.size}² level 0, {slide_path.stat().st_size / 2**20:.0f} MiB); "
           f"{args.n_tiles} random {args.tile_px}² level-0 tiles; cores {args.cores}; load {os.getloadavg()}",
           flush=True)
-    raw_rate(slide_path, boxes)  # warm the page cache: every run reads from memory, not disk
+    raw_run(slide_path, boxes)  # warm the page cache: every run reads from memory, not disk
     ray.init(num_cpus=4 * args.cores, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     try:
