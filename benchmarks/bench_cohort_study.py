@@ -15,8 +15,8 @@ Per task (cpu-small preset, ``--n-slides`` slides of ``--slide-px``² at 40x, 4 
    about 20 minutes; the loss and the model are the same ones ``jobs.train`` uses;
 3. the test fold is scored by ``jobs.evaluate`` (tiles through the Ray tile plane), by the random
    baseline (same agent, Gumbel tiles over tissue) and by the sliding window (``jobs.baselines``: a
-   ResNet18 trained from scratch on patches of the training folds; 64² patches at 10x, so one patch
-   covers the 256 level-0 px of one cpu-small tile).
+   ResNet18 trained from scratch on patches of the training folds; 64² patches at 20x, i.e. 128 level-0
+   px each, ``sliding_window.cpu_small_config``).
 
 Gigapixel slide (``--giga-px``², default 32768² = 1.07 Gpx, HER2 3+): the trained HER2 dual attention
 model and the trained sliding-window ResNet18 score the same slide through the same tile pool; wall time

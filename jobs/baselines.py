@@ -8,7 +8,7 @@
 ``python -m jobs.baselines sliding-window --manifest M --train-folds 1,2,3 --test-folds 0 --out DIR``
     Sliding window (``dual_attention.sliding_window``): every patch with enough stained tissue is scored
     by a ResNet18 trained from scratch on patches of the training folds (slide label as patch label), and
-    the top 15 patches make the slide score. ``--preset cpu-small`` (default) uses 64² patches at 10x and a
+    the top 15 patches make the slide score. ``--preset cpu-small`` (default) uses 64² patches at 20x and a
     width-32 ResNet18 so it trains in minutes on 2 cores; ``--preset paper`` is the paper's 224² at 20x.
     Patches are read through the Ray tile plane; slides are scored in sequence (one model copy), their
     low-power views prefetched by threads.
