@@ -42,7 +42,14 @@ from serve.schemas import (
     TileOut,
 )
 from serve.settings import ServeSettings
-from serve.stages import HardAttentionStage, ModelNotLoaded, SoftAttentionStage, SoftResult, TileJob
+from serve.stages import (
+    HardAttentionStage,
+    HardResult,
+    ModelNotLoaded,
+    SoftAttentionStage,
+    SoftResult,
+    TileJob,
+)
 
 
 @dataclass
@@ -128,12 +135,13 @@ class ScoringIngress:
 
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool) -> ScoreResponse:
-        started = time.perf_counter()
+                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
+        """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
+        upload), so ``validate_s`` and ``total_s`` include them."""
         info = await self.model_info()
         config = DualAttentionConfig.from_dict((await self._describe())["config"])
         n_glimpses = n_glimpses or config.agent.n_glimpses
-        validate_s = time.perf_counter() - started  # path checks / upload happened before; see below
+        validate_s = time.perf_counter() - received_at
 
         start = time.perf_counter()
         soft: SoftResult = await self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
@@ -151,7 +159,8 @@ class ScoringIngress:
                                       attention_map=np.zeros((0, 0)),
                                       centers_thumb_rc=soft.proposal.centers_thumb_rc,
                                       shortfall_reason=soft.proposal.shortfall_reason)
-        tile_scores, _ = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses))
+        hard: HardResult = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses))
+        tile_scores = hard.tile_scores
         hard_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -186,8 +195,10 @@ class ScoringIngress:
             seed=seed,
             model=info,
             timings=StageTimings(validate_s=validate_s, soft_attention_s=soft_s, thumbnail_s=soft.thumbnail_s,
-                                 tile_read_s=tile_read_s, hard_attention_s=hard_s, aggregate_s=aggregate_s,
-                                 total_s=time.perf_counter() - started),
+                                 soft_attention_compute_s=soft.thumbnail_s + soft.propose_s,
+                                 tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
+                                 agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s,
+                                 total_s=time.perf_counter() - received_at),
             overlay_url=overlay_url,
         )
 

@@ -11,13 +11,14 @@ work (``serve.app.ScoringIngress``). Routes:
 
 Errors answer ``{"detail": message}``: 401 missing/wrong token, 403 path outside the slide root,
 404 unknown slide or overlay, 413 upload too large, 422 malformed request, unsupported or corrupt
-slide, or no tissue, 503 model not loaded, 500 anything unexpected (logged; the service keeps serving).
+slide, or no tissue, 503 model not loaded (or tile readers gone), 500 anything unexpected (logged; the service keeps serving).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from ray.exceptions import RayTaskError
 
 from dual_attention.pipeline import ScoringError
 from dual_attention.slides import SlideError
+from jobs.tile_plane import TilePoolError
 from serve.model_source import ModelLoadError
 from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
 from serve.schemas import ErrorResponse, HealthResponse, ModelInfo, ScoreRequest, ScoreResponse
@@ -44,7 +46,7 @@ class ScoringService(Protocol):
     """What the routes need from the ingress deployment."""
 
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool) -> ScoreResponse: ...
+                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse: ...
 
     async def model_info(self) -> ModelInfo: ...
 
@@ -75,6 +77,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (ScoringError, 422),
     (ModelNotLoaded, 503),
     (ModelLoadError, 503),
+    (TilePoolError, 503),
 ]
 
 
@@ -145,11 +148,12 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(body: ScoreRequest,
                     overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url")) -> Any:
+        received_at = time.perf_counter()
         try:
             check_bounds(body.n_tiles, body.n_glimpses)
             path = resolve_slide_path(settings.slide_root, body.slide)
             return await service.score(path, body.slide, body.n_tiles, body.n_glimpses, body.seed, overlay,
-                                       is_upload=False)
+                                       is_upload=False, received_at=received_at)
         except Exception as error:
             return error_response(error, slide_name=body.slide)
 
@@ -170,13 +174,14 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
         seed: int = Query(0, ge=0, le=2**63 - 1),
         overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url"),
     ) -> Any:
+        received_at = time.perf_counter()
         slide_name = None
         try:
             check_bounds(n_tiles, n_glimpses)
             async with slide_upload(request, settings.upload_dir, settings.max_upload_bytes) as upload:
                 slide_name = upload.filename
                 return await service.score(upload.path, upload.filename, n_tiles, n_glimpses, seed, overlay,
-                                           is_upload=True)
+                                           is_upload=True, received_at=received_at)
         except Exception as error:
             return error_response(error, slide_name=slide_name)
 

@@ -40,8 +40,11 @@ class StageTimings(BaseModel):
     validate_s: float = Field(description="path checks or upload streaming")
     soft_attention_s: float = Field(description="thumbnail, tissue mask, attention map, tile boxes")
     thumbnail_s: float = Field(description="part of soft_attention_s: thumbnail and tissue mask")
+    soft_attention_compute_s: float = Field(description="part of soft_attention_s spent in the stage's work")
     tile_read_s: float = Field(description="reading the tiles through the tile plane")
     hard_attention_s: float = Field(description="the agent over the tiles (batched across requests)")
+    hard_attention_compute_s: float = Field(description="wall time of the agent batch that held these tiles")
+    agent_batch_tiles: int = Field(description="tiles in that batch (this request's and other requests')")
     aggregate_s: float
     total_s: float
 

@@ -64,6 +64,13 @@ class TileJob:
     n_glimpses: int
 
 
+@dataclass
+class HardResult:
+    tile_scores: list[TileScore]
+    batch_tiles: int  # tiles in the agent batch that scored this request's tiles (with other requests')
+    agent_s: float  # wall time of that batch in the agent
+
+
 class _ModelHolder:
     """Loads the pinned model once; remembers why not if it cannot."""
 
@@ -162,25 +169,27 @@ class HardAttentionStage:
     def describe(self) -> dict[str, Any]:
         return self.holder.describe()
 
-    async def score(self, job: TileJob) -> tuple[list[TileScore], int]:
-        """The job's tile scores and the number of tiles in the agent batch that scored them."""
+    async def score(self, job: TileJob) -> HardResult:
         self.holder.require()
         return await self._score_batch(job)
 
     @serve.batch(max_batch_size=MAX_BATCH_TILES, batch_wait_timeout_s=0.005, batch_size_fn=_tiles_in)
-    async def _score_batch(self, jobs: list[TileJob]) -> list[tuple[list[TileScore], int]]:
+    async def _score_batch(self, jobs: list[TileJob]) -> list[HardResult]:
         # Tiles of all waiting requests go through the agent together; requests asking for different
         # T run as separate groups.
-        results: list[tuple[list[TileScore], int] | None] = [None] * len(jobs)
+        results: list[HardResult | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.n_glimpses, []).append(index)
         for n_glimpses, indices in groups.items():
             group = [jobs[i] for i in indices]
+            start_s = time.perf_counter()
             scores = await asyncio.to_thread(self._score_group, group, n_glimpses)
+            agent_s = time.perf_counter() - start_s
             start = 0
             for i, job in zip(indices, group, strict=True):
-                results[i] = (scores[start:start + len(job.tiles)], len(scores))
+                results[i] = HardResult(scores[start:start + len(job.tiles)], batch_tiles=len(scores),
+                                        agent_s=agent_s)
                 start += len(job.tiles)
         return results  # type: ignore[return-value]
 
