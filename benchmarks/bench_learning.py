@@ -84,15 +84,18 @@ def _agent_figure(before, after, history, steps: int) -> None:
 
 
 def bench_sam(seeds: list[int], steps: int, betas: list[float]) -> list[str]:
-    rows = ["| β | seed | steps | attention on tumour / tissue, before | after | SAM head accuracy, last 10 steps |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| β | seed | steps | attention mass on tumour / tissue, before → after | pixel AUROC tumour vs "
+            "tissue, before → after | sampler hits on tumour, before → after | SAM head accuracy, last 10 steps |",
+            "|---|---|---|---|---|---|---|"]
     for beta in betas:
         for seed in seeds:
             t0 = time.perf_counter()
             before, after, history, model, slides = train_sam_on_toy_slides(steps=steps, seed=seed, beta=beta,
                                                                              progress=True)
             accuracy = np.mean([h["sam_accuracy"] for h in history[-10:]])
-            rows.append(f"| {beta:g} | {seed} | {steps} | {before:.3f} | {after:.3f} | {accuracy:.2f} |")
+            rows.append(f"| {beta:g} | {seed} | {steps} | {before.mass_share:.3f} → {after.mass_share:.3f} | "
+                        f"{before.pixel_auroc:.2f} → {after.pixel_auroc:.2f} | {before.sampler_hit_rate:.2f} → "
+                        f"{after.sampler_hit_rate:.2f} | {accuracy:.2f} |")
             print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if seed == seeds[0] and beta == betas[0]:
                 _sam_figure(model, slides, seed, beta, steps)

@@ -71,10 +71,12 @@ def evaluate_agent(agent: HardAttentionAgent, tiles: np.ndarray, labels: np.ndar
     )
 
 
-def train_agent_on_region_task(steps: int, batch_size: int = 32, seed: int = 0, lr: float = 3e-3,
+def train_agent_on_region_task(steps: int, batch_size: int = 32, seed: int = 0, lr: float | None = None,
                                progress: bool = False) -> tuple[AgentEvaluation, AgentEvaluation, list[dict[str, float]]]:
-    """Train the agent alone with L_HA; returns (before, after, per-step terms) on a fixed eval set."""
+    """Train the agent alone with L_HA (Adam, ``lr`` defaulting to the preset's ``train.lr_agent``);
+    returns (before, after, per-step terms) on a fixed eval set."""
     config = agent_toy_config()
+    lr = config.train.lr_agent if lr is None else lr
     torch.manual_seed(seed)
     agent = DualAttentionModel(config).agent
     rng = np.random.default_rng(seed)
@@ -171,12 +173,44 @@ def tumour_attention_fraction(model: DualAttentionModel, slides: list[ToySlide])
     return float(np.mean(fractions))
 
 
+@dataclass
+class TumourAttentionStats:
+    mass_share: float  # attention mass on tumour / on tissue (mean over slides)
+    pixel_auroc: float  # AUROC of attention values, tumour vs other tissue pixels (mean over slides)
+    sampler_hit_rate: float  # share of propose_tiles centres (eval, seed 0) that lie on tumour
+
+
+def tumour_attention_stats(model: DualAttentionModel, slides: list[ToySlide], config: DualAttentionConfig
+                           ) -> TumourAttentionStats:
+    """Three views of "attention on the tumour": its mass (what the entropy term fights), its ranking
+    (what the paper's sampler uses, after min-max normalisation and thresholding), and the sampler's hits."""
+    from sklearn.metrics import roc_auc_score
+
+    from dual_attention.pipeline import attention_map_of, propose_tiles
+
+    shares, aurocs, hits = [], [], []
+    dims = (TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX)
+    with torch.no_grad():
+        for slide in slides:
+            attention = attention_map_of(model, slide.thumbnail).numpy()
+            shares.append(attention[slide.tumour_mask].sum() / attention[slide.tissue_mask].sum())
+            tissue_values = attention[slide.tissue_mask]
+            aurocs.append(roc_auc_score(slide.tumour_mask[slide.tissue_mask], tissue_values)
+                          if np.ptp(tissue_values) > 0 else 0.5)
+            proposal = propose_tiles(model, slide.thumbnail, slide.tissue_mask, dims, config, seed=0)
+            rows, cols = proposal.centers_thumb_rc.T
+            hits.extend(slide.tumour_mask[rows, cols].tolist())
+    return TumourAttentionStats(float(np.mean(shares)), float(np.mean(aurocs)), float(np.mean(hits)))
+
+
 def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0, lr: float = 3e-3,
                             beta: float | None = None, progress: bool = False
-                            ) -> tuple[float, float, list[dict[str, float]], DualAttentionModel, list[ToySlide]]:
-    """Train the SAM alone through ``pipeline.training_step`` (separate mode, SAM phase).
+                            ) -> tuple[TumourAttentionStats, TumourAttentionStats, list[dict[str, float]],
+                                       DualAttentionModel, list[ToySlide]]:
+    """Train the SAM alone through ``pipeline.training_step`` (separate mode, SAM phase), Adam at ``lr``
+    (3x the preset's lr_sam: CI-sized runs).
 
-    Returns (tumour attention fraction before, after, per-step terms, model, eval slides).
+    Returns (attention stats before, after, per-step terms, model, eval slides).
     """
     from dual_attention.pipeline import SlideBatch, training_step
 
@@ -188,7 +222,7 @@ def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0
     rng = np.random.default_rng(seed)
     eval_rng = np.random.default_rng(seed + 10_000)
     eval_slides = [toy_slide(i % 2, eval_rng) for i in range(16)]
-    before = tumour_attention_fraction(model, eval_slides)
+    before = tumour_attention_stats(model, eval_slides, config)
     optimiser = torch.optim.Adam(model.sam_parameters(), lr=lr)
     history: list[dict[str, float]] = []
     iterator = range(steps)
@@ -208,5 +242,5 @@ def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0
         loss.backward()
         optimiser.step()
         history.append(terms)
-    after = tumour_attention_fraction(model, eval_slides)
+    after = tumour_attention_stats(model, eval_slides, config)
     return before, after, history, model, eval_slides

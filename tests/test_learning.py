@@ -58,9 +58,10 @@ def test_agent_learns_to_look_where_the_label_is() -> None:
 
 def test_soft_attention_learns_to_attend_to_the_tumour() -> None:
     before, after, history, _, _ = train_sam_on_toy_slides(steps=80, seed=0, beta=0.01)
-    print(f"\nattention mass on tumour / on tissue: before {before:.3f}, after {after:.3f} "
-          f"(tumour is about 10% of tissue); SAM head accuracy, last 10 steps: "
-          f"{np.mean([h['sam_accuracy'] for h in history[-10:]]):.2f}")
-    assert before < 0.2, "a fresh SAM is uniform: mass on tumour is about its area share"
-    assert after > 0.5, "more attention inside the tumour than outside it"
+    print(f"\nbefore: {before}\nafter:  {after}\n(tumour is about 10% of tissue); SAM head accuracy, "
+          f"last 10 steps: {np.mean([h['sam_accuracy'] for h in history[-10:]]):.2f}")
+    assert before.mass_share < 0.2, "a fresh SAM is uniform: mass on tumour is about its area share"
+    assert before.pixel_auroc == 0.5
+    assert after.mass_share > 0.5, "more attention inside the tumour than outside it"
+    assert after.pixel_auroc > 0.9 and after.sampler_hit_rate > before.sampler_hit_rate + 0.3
     assert np.mean([h["sam_ce"] for h in history[-10:]]) < np.mean([h["sam_ce"] for h in history[:10]])
