@@ -372,3 +372,49 @@ def test_serve_config_yaml_is_a_valid_deploy_config() -> None:
     assert names == {ScoringIngress.name, SoftAttentionStage.name, HardAttentionStage.name}
     for deployment in app.deployments:
         assert 0 < deployment.ray_actor_options.num_cpus < 1  # fractional: the machine has 2 cores
+
+
+# -- units without Ray -----------------------------------------------------------------------------------
+
+
+def test_slide_paths_stay_under_the_root(tmp_path: Path) -> None:
+    from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "a.svs").write_bytes(b"x")
+    (outside / "b.svs").write_bytes(b"x")
+    (root / "out-link").symlink_to(outside)
+    (root / "in-link.svs").symlink_to(root / "sub" / "a.svs")
+    assert resolve_slide_path(root, "sub/a.svs") == (root / "sub" / "a.svs").resolve()
+    assert resolve_slide_path(root, "in-link.svs") == (root / "sub" / "a.svs").resolve()
+    for bad in ["../outside/b.svs", "sub/../../outside/b.svs", "sub/../sub/a.svs", "..\\outside\\b.svs",
+                "/etc/passwd", "\\\\server\\share\\x.svs", "C:\\slides\\x.svs", "out-link/b.svs", "a\x00.svs"]:
+        with pytest.raises(PathOutsideRoot):
+            resolve_slide_path(root, bad)
+    for missing in ["sub/none.svs", "sub", ""]:
+        with pytest.raises(SlideNotFound):
+            resolve_slide_path(root, missing)
+    with pytest.raises(PathOutsideRoot):  # decided before existence: a 403 says nothing about the file
+        resolve_slide_path(root, "../outside/none.svs")
+
+
+def test_settings_from_environment_and_args(tmp_path: Path) -> None:
+    from serve.settings import MIB, ServeSettings, SettingsError
+
+    env = {"DUAL_ATTENTION_MODEL": "models:/m@a", "DUAL_ATTENTION_SLIDE_ROOT": str(tmp_path),
+           "DUAL_ATTENTION_API_TOKEN": "s3cret", "DUAL_ATTENTION_MAX_UPLOAD_MB": "2"}
+    settings = ServeSettings.from_env(env=env)
+    assert (settings.model_uri, settings.max_upload_bytes, settings.api_token) == ("models:/m@a", 2 * MIB, "s3cret")
+    assert "s3cret" not in repr(settings)
+    overridden = ServeSettings.from_env({"max_upload_mb": "0.5", "tile_readers": "3", "model_uri": "ckpt"}, env=env)
+    assert (overridden.max_upload_bytes, overridden.tile_readers, overridden.model_uri) == (MIB // 2, 3, "ckpt")
+    with pytest.raises(SettingsError, match="tile_reader"):
+        ServeSettings.from_env({"tile_reader": 2}, env=env)
+    with pytest.raises(SettingsError, match="DUAL_ATTENTION_MODEL"):
+        ServeSettings.from_env(env={"DUAL_ATTENTION_SLIDE_ROOT": str(tmp_path)})
+    with pytest.raises(SettingsError, match="slide_root"):
+        ServeSettings.from_env({"slide_root": str(tmp_path / "nope")}, env=env)
+    with pytest.raises(SettingsError, match="max_tiles"):
+        ServeSettings.from_env({"max_tiles": 1000}, env=env)
