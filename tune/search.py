@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,7 @@ class SearchSettings:
     tile_actors_per_worker: int = 1
     max_failures: int = 0
     train_poll_interval_s: float | None = None
+    cache_dir: str | None = None  # thumbnails and tissue masks (default <experiment>/cache)
     mlflow_uri: str | None = None
     experiment: str = "dual-attention-tune"
     model_name: str | None = None
@@ -144,6 +146,19 @@ def _ledger_name(experiment_dir: Path) -> str:
 
 def run_search(settings: SearchSettings, resume: bool = False, restart_errored: bool = False) -> SearchOutcome:
     """Run (or resume) a search; returns what it found. Ray is started here unless already running."""
+    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI for the whole process: put it back afterwards,
+    # so that a later job in this process does not take this search's store for the user's choice.
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _run_search(settings, resume, restart_errored)
+    finally:
+        if previous_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+
+
+def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -> SearchOutcome:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -177,8 +192,10 @@ def run_search(settings: SearchSettings, resume: bool = False, restart_errored: 
     print(f"[tune] {settings.num_samples} trials, at most {concurrent} at once (each needs {per_trial['CPU']:g} "
           f"CPU{gpus}); metric {metric} ({mode}); experiment {experiment_dir}", flush=True)
 
-    tracking_uri = tracking.resolve_tracking_uri(experiment_dir, settings.mlflow_uri)
-    experiment_id = tracking.setup_mlflow(experiment_dir, settings.mlflow_uri, settings.experiment)
+    if settings.mlflow_uri is None:  # fixed at the first start: a resumed search logs to the same store
+        settings.mlflow_uri = tracking.resolve_tracking_uri(experiment_dir, None)
+    tracking_uri = settings.mlflow_uri
+    experiment_id = tracking.setup_mlflow(experiment_dir, tracking_uri, settings.experiment)
     if settings.parent_run_id is None:
         settings.parent_run_id = start_parent_run(
             tracking_uri, experiment_id, run_name=settings.name,
@@ -190,7 +207,7 @@ def run_search(settings: SearchSettings, resume: bool = False, restart_errored: 
             tags={"experiment_dir": str(experiment_dir), "task": base.task})
     settings.save()
 
-    cohort = prepare_cohort(settings.manifest, base, experiment_dir / "cache")
+    cohort = prepare_cohort(settings.manifest, base, Path(settings.cache_dir or experiment_dir / "cache"))
     for skipped in cohort.skipped:
         print(f"[tune] skipped slide {skipped['slide_id']} ({skipped['path']}): {skipped['reason']}", flush=True)
     ledger_name = _ledger_name(experiment_dir)
@@ -211,7 +228,7 @@ def run_search(settings: SearchSettings, resume: bool = False, restart_errored: 
             param_space=space.to_tune(),
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=settings.num_samples, max_concurrent_trials=concurrent,
-                search_alg=_searcher(settings, space, metric, mode),
+                search_alg=_searcher(settings, space, concurrent),
                 scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=epochs, grace_period=settings.grace_period,
                                         reduction_factor=settings.reduction_factor),
             ),
@@ -280,8 +297,11 @@ def _row_summary(row: Any) -> dict[str, Any]:
             "checkpoint": row.best_checkpoint}
 
 
-def _searcher(settings: SearchSettings, space: SearchSpace, metric: str, mode: str) -> Any:
-    """Random search or Optuna (TPE), both seeded, both starting from the centre when it lies inside."""
+def _searcher(settings: SearchSettings, space: SearchSpace, max_concurrent: int) -> Any:
+    """Random search or Optuna (TPE), both seeded, both starting from the centre when it lies inside.
+
+    Tune applies ``max_concurrent_trials`` to a ``Searcher`` (Optuna) but ignores it for the random
+    ``BasicVariantGenerator``, which takes its own ``max_concurrent``."""
     points = [space.centre()] if space.centre_inside() else []
     if not points:
         print("[tune] note: the base config's values lie outside the space; no centre trial", flush=True)
@@ -291,7 +311,8 @@ def _searcher(settings: SearchSettings, space: SearchSpace, metric: str, mode: s
         return OptunaSearch(points_to_evaluate=points or None, seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed)
+    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=settings.seed,
+                                 max_concurrent=max_concurrent)
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -328,6 +349,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts inside a trial")
     parser.add_argument("--train-poll-s", type=float, help="seconds between Ray Train's polls of its workers "
                                                            "(Ray's default 2; lower for short test epochs)")
+    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <experiment>/cache)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
                                              "experiment folder)")
     parser.add_argument("--experiment", default="dual-attention-tune", help="MLflow experiment name")
@@ -372,7 +394,8 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         searcher=args.searcher, metric=args.metric, mode=args.mode, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, seed=args.seed,
         device=args.device, tile_actors_per_worker=args.tile_actors_per_worker, max_failures=args.max_failures,
-        train_poll_interval_s=args.train_poll_s, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
+        train_poll_interval_s=args.train_poll_s, cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir
+        else None, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
     )
 
