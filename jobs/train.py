@@ -11,8 +11,10 @@ What runs where:
   workers agree on it and take every ``world_size``-th batch), ``pipeline.training_step`` for the loss,
   Adam with one learning rate for the SAM side (SAM + f_f + SAM head) and one for the agent, StepLR per
   epoch. Tiles come from a ``jobs.tile_plane.TilePool`` of reader actors that each worker starts for
-  itself (the pool holds locks and cannot be shipped; its actors die with the worker, so a restarted
-  worker gets fresh readers).
+  itself (the pool object holds locks and cannot be shipped to workers; its actors die with the worker,
+  so a restarted worker gets fresh readers). ``--tile-reader local`` reads with the same ``TileReader``
+  code inside the worker process instead, saving the Ray round trip per slide (see
+  benchmarks/bench_train_step.py for the measured difference).
 - Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers, gathered
   on rank 0), and rank 0 reports metrics with a checkpoint (``dual_attention.checkpoint`` + optimiser
   state + a few overlay PNGs) via ``ray.train.report``. ``FailureConfig(max_failures)`` restarts a lost
@@ -225,7 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from dual_attention.pipeline import ScoringError, SlideBatch, score_slide, training_phase, training_step
     from dual_attention.slides import SlideError
     from jobs.overlays import save_slide_score_overlay
-    from jobs.tile_plane import TilePool
+    from jobs.tile_plane import TilePool, TileReader, TileRequest
 
     config = DualAttentionConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -269,12 +271,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_slides = [s for s in slides if s["fold"] == loop_config["val_fold"]]
     bad_slides: dict[str, str] = {}
 
-    pool = TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
+    # "pool": the Ray tile plane (reader actors); "local": the same reader code in this process, no Ray hop.
+    local_reader = TileReader() if loop_config.get("tile_reader") == "local" else None
+    pool = None if local_reader else TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
+
+    def read_tiles_fn(path: str) -> Callable[[Any], np.ndarray]:
+        if pool is not None:
+            return pool.read_tiles_fn(path, tile_px)
+
+        def read_local(boxes: Any) -> np.ndarray:
+            results = local_reader.read_batch([TileRequest(path, box) for box in boxes])
+            for result in results:
+                if isinstance(result, SlideError):
+                    raise result
+            return np.stack(results) if results else np.zeros((0, tile_px, tile_px, 3), np.uint8)
+
+        return read_local
     timer = _Timer()
 
     def slide_inputs(slide: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[int, int], Callable]:
         thumbnail, tissue = thumbnails[slide["slide_id"]]
-        read = timer.wrap(pool.read_tiles_fn(slide["path"], tile_px))
+        read = timer.wrap(read_tiles_fn(slide["path"]))
         return thumbnail, tissue, tuple(slide["level0_dims"]), read
 
     n_steps = steps_per_epoch(config, len(train_slides), world)
@@ -388,7 +405,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["val_primary"] = metrics.get(primary, float("nan"))
 
             if rank == 0:
-                print(_epoch_line(metrics, config.train.epochs, primary), flush=True)
+                # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
+                sys.stdout.write(_epoch_line(metrics, config.train.epochs, primary) + "\n")
+                sys.stdout.flush()
                 with tempfile.TemporaryDirectory(prefix="dual-attention-ckpt-") as directory:
                     save_checkpoint(directory, model, config, extra={
                         "epoch": epoch, "val_fold": loop_config["val_fold"],
@@ -409,7 +428,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics, checkpoint=None)
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
 
 
 def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
@@ -521,7 +541,7 @@ class FoldOutcome:
 
 def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int, *,
              use_gpu: bool, max_failures: int, resume_checkpoint: str | None = None,
-             overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
+             overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1, tile_reader: str = "pool",
              fail_at_epoch: int | None = None, callbacks: Sequence[Any] = ()) -> Any:
     """One Ray Train run for one validation fold; returns the ``ray.train.Result``.
 
@@ -539,7 +559,7 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path,
     loop_config: dict[str, Any] = {
         "config": config.to_dict(), "slides": slides, "val_fold": val_fold,
         "resume_checkpoint": resume_checkpoint, "overlays_per_epoch": overlays_per_epoch,
-        "tile_actors_per_worker": tile_actors_per_worker,
+        "tile_actors_per_worker": tile_actors_per_worker, "tile_reader": tile_reader,
     }
     if fail_at_epoch is not None:
         loop_config |= {"fail_at_epoch": fail_at_epoch, "fail_once_marker": str(run_dir / f"failed_once_fold{val_fold}")}
@@ -603,6 +623,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                  model_name: str | None = None, model_alias: str = "candidate", register: bool = True,
                  device: str = "auto", max_failures: int = 2, resume_checkpoint: str | None = None,
                  cache_dir: str | Path | None = None, overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
+                 tile_reader: str = "pool",
                  fail_at_epoch: int | None = None) -> dict[str, Any]:
     """The whole job: preprocess, one fit per validation fold, MLflow logging and registration, report.
 
@@ -648,6 +669,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                 config, cohort, run_dir, val_fold, state, state_path, nested=cross_validation,
                 use_gpu=use_gpu, max_failures=max_failures, resume_checkpoint=resume_checkpoint,
                 overlays_per_epoch=overlays_per_epoch, tile_actors_per_worker=tile_actors_per_worker,
+                tile_reader=tile_reader,
                 fail_at_epoch=fail_at_epoch, manifest=str(manifest), model_name=model_name,
                 model_alias=model_alias if not cross_validation else f"{model_alias}-fold{val_fold}",
                 register=register))
@@ -681,7 +703,7 @@ def _log_skipped(skipped: list[dict[str, str]]) -> None:
 
 def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int,
                 state: dict[str, Any], state_path: Path, *, nested: bool, use_gpu: bool, max_failures: int,
-                resume_checkpoint: str | None, overlays_per_epoch: int, tile_actors_per_worker: int,
+                resume_checkpoint: str | None, overlays_per_epoch: int, tile_actors_per_worker: int, tile_reader: str,
                 fail_at_epoch: int | None, manifest: str, model_name: str, model_alias: str,
                 register: bool) -> FoldOutcome:
     import mlflow
@@ -704,7 +726,8 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         started = time.perf_counter()
         result = fit_fold(config, cohort, run_dir, val_fold, use_gpu=use_gpu, max_failures=max_failures,
                           resume_checkpoint=resume_checkpoint, overlays_per_epoch=overlays_per_epoch,
-                          tile_actors_per_worker=tile_actors_per_worker, fail_at_epoch=fail_at_epoch)
+                          tile_actors_per_worker=tile_actors_per_worker, tile_reader=tile_reader,
+                          fail_at_epoch=fail_at_epoch)
         print(f"[train] fold {val_fold}: fit in {time.perf_counter() - started:.1f}s", flush=True)
         started = time.perf_counter()
         fold_state["last_logged_epoch"] = log_fold_to_mlflow(result, int(fold_state.get("last_logged_epoch", -1)))
@@ -816,6 +839,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--no-register", action="store_true", help="do not register the final model")
     parser.add_argument("--overlays-per-epoch", type=int, default=2, help="validation overlays logged per epoch")
     parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per worker")
+    parser.add_argument("--tile-reader", choices=("pool", "local"), default="pool",
+                        help="pool: Ray tile-reader actors (default); local: OpenSlide in the worker process")
     parser.add_argument("--inject-failure-at-epoch", type=int, help=argparse.SUPPRESS)  # fault-tolerance tests
     return parser
 
@@ -879,7 +904,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
         device=args.device, max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
         cache_dir=args.cache_dir, overlays_per_epoch=args.overlays_per_epoch,
-        tile_actors_per_worker=args.tile_actors_per_worker, fail_at_epoch=args.inject_failure_at_epoch,
+        tile_actors_per_worker=args.tile_actors_per_worker, tile_reader=args.tile_reader,
+        fail_at_epoch=args.inject_failure_at_epoch,
     )
     print(f"[train] report: {Path(report['run_dir']) / 'report.json'}", flush=True)
     return 0
