@@ -226,6 +226,8 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         "haematoxylin_gain": rng.uniform(0.75, 1.25),
         "dab_gain": rng.uniform(0.9, 1.1),
         "debris_level": rng.uniform(0.0, 1.0),
+        # Tumour nuclei size per slide: how much nuclear colour a tumour shows at low power, whatever the label.
+        "tumour_nucleus_scale": rng.uniform(0.75, 1.15),
         "cytoplasm_blush": 0.0,
         "tumour_nuclear_dab": 0.0,
         "normal_nuclear_dab": 0.0,
@@ -240,7 +242,7 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
     else:
         # Diffuse cytoplasmic DAB makes a "loss" tumour look as brown as an "intact" one at low power,
         # while its nuclei stay blue at high power.
-        params["cytoplasm_blush"] = rng.uniform(0.0, 0.45)
+        params["cytoplasm_blush"] = rng.uniform(0.0, 0.5)
         params["normal_nuclear_dab"] = rng.uniform(0.5, 0.9)
         params["tumour_nuclear_dab"] = rng.uniform(0.4, 0.95) if label == 0 else rng.uniform(0.0, 0.04)
         params["membrane_dab"] = 0.0
@@ -392,7 +394,9 @@ def _cells(layout: SlideLayout, row0: int, col0: int, n_rows: int, n_cols: int) 
         False,
     )
     radius = np.select(
-        [kind == CELL_TUMOUR, kind == CELL_LYMPHOCYTE], [4.0 + 1.6 * u[3], 3.0 + 0.5 * u[3]], 2.2 + 1.0 * u[3]
+        [kind == CELL_TUMOUR, kind == CELL_LYMPHOCYTE],
+        [(4.0 + 1.6 * u[3]) * p["tumour_nucleus_scale"], 3.0 + 0.5 * u[3]],
+        2.2 + 1.0 * u[3],
     )
     nuclear_h = np.select(
         [kind == CELL_TUMOUR, kind == CELL_LYMPHOCYTE], [0.75 + 0.3 * u[4], 1.15 + 0.2 * u[4]], 0.9 + 0.2 * u[4]
@@ -400,7 +404,7 @@ def _cells(layout: SlideLayout, row0: int, col0: int, n_rows: int, n_cols: int) 
     nuclear_dab = np.where(kind == CELL_TUMOUR, p["tumour_nuclear_dab"], p["normal_nuclear_dab"])
     nuclear_dab = nuclear_dab * (0.8 + 0.4 * u[5]) * (kind != CELL_NONE)
     # DAB-positive nuclei carry less visible haematoxylin (DAB masks the counterstain).
-    nuclear_h = nuclear_h * (1.0 - 0.35 * np.clip(nuclear_dab, 0, 1))
+    nuclear_h = nuclear_h * (1.0 - 0.2 * np.clip(nuclear_dab, 0, 1))
     membrane_dab = np.where(kind == CELL_TUMOUR, p["membrane_dab"] * (0.85 + 0.3 * u[5]), 0.0)
     return {
         "kind": kind,

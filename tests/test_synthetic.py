@@ -136,9 +136,12 @@ def test_mmr_tumour_nuclei_brown_when_intact_blue_when_lost_normal_nuclei_brown_
         layout = make_layout("mmr", label, 200, 2048, 2048)
         tumour_boxes, stroma_boxes = _tumour_and_stroma_boxes(layout)
         tumour_dab, stroma_dab = _dab(layout, tumour_boxes), _dab(layout, stroma_boxes)
-        results[label] = (np.percentile(tumour_dab, 99), np.percentile(stroma_dab, 99.5))
-    assert results[0][0] > 2 * results[1][0]  # tumour nuclei: DAB when intact, none when lost
-    assert results[0][1] > 0.03 and results[1][1] > 0.03  # internal positive control in both
+        # Nuclei are small: DAB above a 15-px local mean; diffuse cytoplasmic blush cancels out.
+        tumour_nuclear = tumour_dab - ndimage.uniform_filter(tumour_dab, size=(1, 15, 15))
+        stroma_nuclear = stroma_dab - ndimage.uniform_filter(stroma_dab, size=(1, 15, 15))
+        results[label] = (np.percentile(tumour_nuclear, 99), np.percentile(stroma_nuclear, 99.5))
+    assert results[0][0] > 0.03 and results[0][0] > 2.5 * results[1][0], results  # intact: brown; loss: not
+    assert results[0][1] > 0.02 and results[1][1] > 0.02, results  # internal positive control in both
 
 
 def test_plan_balances_labels_and_stratifies_folds() -> None:
