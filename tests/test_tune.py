@@ -82,6 +82,42 @@ def test_invalid_space_is_refused_naming_the_field(entries: dict, named: str, tm
     assert isinstance(caught.value, ConfigError)
 
 
+def _noop_trainable(config: dict) -> None:
+    """Stands in for the training job where only the searcher's suggestions are looked at."""
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_searchers_start_at_the_centre_and_sample_inside_the_space(searcher: str) -> None:
+    from ray.tune.search import Searcher
+
+    from tune.search import SearchSettings, _searcher
+
+    base = preset("cpu-small")
+    space = load_space(None, base)
+    settings = SearchSettings(manifest="unused", base_config=base.to_dict(), space={}, space_source="default",
+                              storage_path="unused", name="unused", searcher=searcher, seed=0)
+    algorithm = _searcher(settings, space, max_concurrent=2)
+    if searcher == "optuna":
+        assert isinstance(algorithm, Searcher)
+        assert algorithm.set_search_properties("val_her2_points_fraction", "max", space.to_tune())
+        suggestions = [algorithm.suggest(f"t{i}") for i in range(4)]
+    else:
+        algorithm.add_configurations({"search": {"run": _noop_trainable, "config": space.to_tune(), "num_samples": 4}})
+        trials = [algorithm.next_trial() for _ in range(2)]
+        assert algorithm.next_trial() is None  # its own max_concurrent holds a third back (Tune's is ignored)
+        for trial in trials:
+            algorithm.on_trial_complete(trial.trial_id)
+        trials += [algorithm.next_trial() for _ in range(2)]
+        suggestions = [trial.config for trial in trials]
+    assert suggestions[0] == space.centre()
+    for sampled in suggestions[1:]:
+        assert set(sampled) == set(space.names)
+        for dim in space.dimensions:
+            assert dim.contains(sampled[dim.name]), (dim.name, sampled[dim.name])
+        config = space.trial_config(sampled)
+        assert config.sampler.noise_high > config.sampler.noise_low
+
+
 def test_unreadable_space_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SearchSpaceError, match="missing.yaml"):
         load_space(tmp_path / "missing.yaml", preset("cpu-small"))

@@ -229,7 +229,9 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=settings.num_samples, max_concurrent_trials=concurrent,
                 search_alg=_searcher(settings, space, concurrent),
-                scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=epochs, grace_period=settings.grace_period,
+                # max_t one past the last epoch: a trial that runs every epoch ends by itself (its Train
+                # run shuts down cleanly) instead of being stopped at its last report; the rungs are the same.
+                scheduler=ASHAScheduler(time_attr=EPOCHS_DONE, max_t=epochs + 1, grace_period=settings.grace_period,
                                         reduction_factor=settings.reduction_factor),
             ),
             run_config=tune.RunConfig(
