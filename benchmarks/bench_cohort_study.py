@@ -172,6 +172,7 @@ def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
     reports["sliding-window"] = report
     timings["eval_sliding-window_s"] = time.perf_counter() - started
     for method, rep in reports.items():
+        rep.metrics |= {f"tiles_{k}": v for k, v in tumour_coverage(work, method).items()}
         summary = rep.summary()
         print(f"[{task}] {method}: accuracy {summary.get('accuracy', float('nan')):.3f}, skipped {len(rep.skipped)}",
               flush=True)
@@ -179,6 +180,32 @@ def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
             "window_config": window_config, "window_info": {k: v for k, v in window_info.items() if k != "skipped"},
             "summaries": {m: r.summary() for m, r in reports.items()}, "timings": timings, "train_log": log,
             "n_train": len(train_rows), "n_test": len(test_rows)}
+
+
+def tumour_coverage(work: Path, method: str) -> dict[str, float]:
+    """How much tumour the tiles / patches of ``method`` cover, from the cohort's tumour masks (1/32 of
+    level 0): the mean over tiles of the tumour fraction inside the tile, and the share of tiles with any
+    tumour. Explains when attention can (or cannot) beat random tissue tiles."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from dual_attention.manifest import read_manifest
+
+    masks = {r["slide_id"]: r["tumour_mask_path"] for r in read_manifest(work / "manifest.parquet").to_pylist()}
+    tiles = pq.read_table(work / method / "tiles.parquet").to_pylist()
+    cache: dict[str, np.ndarray] = {}
+    fractions = []
+    for tile in tiles:
+        sid = tile["slide_id"]
+        if sid not in cache:
+            cache[sid] = np.asarray(Image.open(masks[sid])) > 0
+        mask = cache[sid]
+        r0, c0 = tile["y0"] // 32, tile["x0"] // 32
+        r1, c1 = -(-(tile["y0"] + tile["height"]) // 32), -(-(tile["x0"] + tile["width"]) // 32)
+        fractions.append(float(mask[r0:r1, c0:c1].mean()))
+    values = np.asarray(fractions)
+    return {"mean_tumour_fraction": float(values.mean()), "tiles_with_tumour": float((values > 0).mean()),
+            "slide_tumour_fraction": float(np.mean([m.mean() for m in cache.values()]))}
 
 
 # -- the gigapixel slide -------------------------------------------------------------------------------------
@@ -271,8 +298,8 @@ def tables(results: list[dict[str, Any]], giga: dict[str, Any] | None, args: arg
         if task == "her2":
             header += " agreement pts | combined pts | weighted conf. |"
             rule += "---|---|---|"
-        header += " wall s / slide | % level 0 read |"
-        rule += "---|---|"
+        header += " wall s / slide | % level 0 read | tumour in tiles (mean / any) |"
+        rule += "---|---|---|"
         lines += [header, rule]
         for method in METHODS:
             s = result["summaries"][method]
@@ -281,6 +308,7 @@ def tables(results: list[dict[str, Any]], giga: dict[str, Any] | None, args: arg
                 row += (f" {s.get('agreement_points', 'n/a')} / {s.get('agreement_points_max', 'n/a')} |"
                         f" {_fmt(s.get('combined_points'), '.1f')} | {_fmt(s.get('weighted_confidence'))} |")
             row += f" {_fmt(s.get('wall_time_per_slide_s'), '.2f')} | {_fmt(100 * s.get('fraction_level0_read', np.nan), '.2f')} |"
+            row += f" {_fmt(s.get('tiles_mean_tumour_fraction'), '.2f')} / {_fmt(s.get('tiles_tiles_with_tumour'), '.2f')} |"
             lines.append(row)
         lines.append("")
     if giga is not None:
