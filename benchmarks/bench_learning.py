@@ -108,7 +108,7 @@ def _sam_figure(model, slides, seed: int, beta: float, steps: int) -> None:
     fig, axes = plt.subplots(3, 4, figsize=(12, 9))
     for column, slide in enumerate(slides[:4]):
         with torch.no_grad():
-            maps = [attention_map_of(m, slide.thumbnail).numpy() for m in (fresh, model)]
+            maps = [attention_map_of(m, slide.thumbnail, slide.tissue_mask).numpy() for m in (fresh, model)]
         axes[0, column].imshow(slide.thumbnail)
         axes[0, column].set_title(f"thumbnail, label {slide.label}")
         for row, (attention, title) in enumerate(zip(maps, ("before", f"after {steps} steps"), strict=True), 1):
@@ -188,13 +188,13 @@ def bench_cohort_sam(steps: int, n_slides: int, slide_px: int, beta: float, seed
         with torch.no_grad():
             shares = []
             for s in held_out:
-                attention = attention_map_of(model, s["thumbnail"]).numpy()
+                attention = attention_map_of(model, s["thumbnail"], s["tissue"]).numpy()
                 shares.append(attention[s["tumour"]].sum() / attention[s["tissue"]].sum())
         return float(np.mean(shares))
 
     area_share = float(np.mean([s["tumour"].sum() / s["tissue"].sum() for s in held_out]))
     before = tumour_share(model)
-    initial_maps = [attention_map_of(model, s["thumbnail"]).detach().numpy() for s in held_out[:4]]
+    initial_maps = [attention_map_of(model, s["thumbnail"], s["tissue"]).detach().numpy() for s in held_out[:4]]
     optimiser = torch.optim.Adam(model.sam_parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)
     by_label = {label: [s for s in train if s["label"] == label] for label in (0, 1)}
@@ -217,7 +217,7 @@ def bench_cohort_sam(steps: int, n_slides: int, slide_px: int, beta: float, seed
     fig, axes = plt.subplots(3, 4, figsize=(12, 9))
     for column, (s, initial) in enumerate(zip(held_out[:4], initial_maps, strict=True)):
         with torch.no_grad():
-            final = attention_map_of(model, s["thumbnail"]).numpy()
+            final = attention_map_of(model, s["thumbnail"], s["tissue"]).numpy()
         axes[0, column].imshow(s["thumbnail"])
         axes[0, column].set_title(f"held-out, label {config.class_names[s['label']]}")
         for row, (attention, title) in enumerate(((initial, "before"), (final, f"after {steps} steps")), 1):

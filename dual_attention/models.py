@@ -57,7 +57,12 @@ def images_to_tensor(images_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class SoftAttentionNet(nn.Module):
-    """Thumbnail (1, 3, H, W) -> attention (H, W), a softmax over all H*W pixels."""
+    """Thumbnail (B, 3, H, W) -> attention (B, H, W), a softmax over the H*W pixels.
+
+    With a tissue mask the softmax runs over tissue pixels only (zero elsewhere): tiles are only ever
+    sampled on tissue, and without the mask the map is free to park its mass on background, e.g. on the
+    zero-padded border, which then says nothing about the slide.
+    """
 
     def __init__(self, conv_layers: int, base_channels: int, pool_size: int) -> None:
         super().__init__()
@@ -83,9 +88,13 @@ class SoftAttentionNet(nn.Module):
         pooled = F.max_pool2d(padded, k, stride=1)
         return self.to_logit(pooled)[:, 0]  # (B, H, W)
 
-    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+    def forward(self, thumbnail: torch.Tensor, tissue_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``tissue_mask``: (B, H, W) bool or None; a slide whose mask is empty gets all its pixels."""
         logits = self.logits(thumbnail)
         batch, height, width = logits.shape
+        if tissue_mask is not None:
+            keep = tissue_mask.to(torch.bool) | ~tissue_mask.reshape(batch, -1).any(dim=1)[:, None, None]
+            logits = logits.masked_fill(~keep, float("-inf"))
         return torch.softmax(logits.reshape(batch, -1), dim=1).reshape(batch, height, width)
 
 

@@ -55,7 +55,7 @@ class ScoringError(ValueError):
 class TileProposal:
     level0_boxes: list[Level0Box]
     attention_weights: np.ndarray  # (n,) attention at each box's thumbnail centre
-    attention_map: np.ndarray  # (h, w) thumbnail-sized, sums to 1
+    attention_map: np.ndarray  # (h, w) thumbnail-sized, sums to 1 (over tissue; 0 elsewhere)
     centers_thumb_rc: np.ndarray  # (n, 2) row, col on the thumbnail
     shortfall_reason: str | None  # why fewer than config.sampler.n_tiles boxes; None if all
 
@@ -110,9 +110,12 @@ def _check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarr
     return tiles
 
 
-def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray) -> torch.Tensor:
-    """The SAM's attention (h, w) over ``thumbnail`` (h, w, 3) uint8, with the autograd state of the caller."""
-    return model.soft_attention(images_to_tensor(thumbnail))[0]
+def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray | None = None
+                     ) -> torch.Tensor:
+    """The SAM's attention (h, w) over ``thumbnail`` (h, w, 3) uint8, a softmax over the tissue pixels
+    when ``tissue_mask`` is given; with the autograd state of the caller."""
+    mask = None if tissue_mask is None else torch.as_tensor(np.asarray(tissue_mask, dtype=bool))[None]
+    return model.soft_attention(images_to_tensor(thumbnail), mask)[0]
 
 
 def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -147,10 +150,11 @@ def _sample(attention: np.ndarray, tissue_mask: np.ndarray, config: DualAttentio
 def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray,
                   level0_dims: tuple[int, int], config: DualAttentionConfig, seed: int,
                   sampler: str = "attention") -> TileProposal:
-    """SAM -> sampler -> level-0 boxes, in evaluation mode (no gradients), seeded by ``seed``."""
+    """SAM (softmax over the tissue pixels) -> sampler -> level-0 boxes, in evaluation mode (no
+    gradients), seeded by ``seed``."""
     _check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
     with torch.no_grad():
-        attention = attention_map_of(model, thumbnail).numpy().astype(np.float64)
+        attention = attention_map_of(model, thumbnail, tissue_mask).numpy().astype(np.float64)
     sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
     centers = sampled.centers_thumb_rc
     boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, config.tile.tile_level0_px,
@@ -281,7 +285,7 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
         what = f"slide {batch.slide_ids[i] if i < len(batch.slide_ids) else i}"
         _check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
         with torch.set_grad_enabled(train_sam):
-            attention = attention_map_of(model, batch.thumbnails[i])
+            attention = attention_map_of(model, batch.thumbnails[i], batch.tissue_masks[i])
         sampled = sample_locations(attention.detach().numpy().astype(np.float64), batch.tissue_masks[i].astype(bool),
                                    config.sampler, config.soft_attention.attention_mask, rng)
         centers = sampled.centers_thumb_rc

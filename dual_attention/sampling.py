@@ -2,7 +2,7 @@
 
 The attention sampler (paper, step 2):
 
-1. min-max normalise the attention map to (0, 1] (``normalise_attention``);
+1. min-max normalise the attention map (over tissue) to (0, 1] (``normalise_attention``);
 2. mask it: "positive" maps by an adaptive (Otsu) threshold, "tumour" maps by 3-means keeping the
    highest-mean cluster; always inside the tissue mask (``attention_region``);
 3. add noise n ~ U[low, high] inside the mask only: F = m·n + m·Â;
@@ -115,7 +115,10 @@ def sample_locations(
     """The paper's sampler (see the module docstring). ``rng`` draws the noise (and seeds k-means)."""
     _check_maps(attention_map, tissue_mask)
     n_wanted = sampler.n_tiles
-    normalised = normalise_attention(attention_map)
+    tissue = tissue_mask.astype(bool)
+    # normalise over tissue: values off tissue (0 for a tissue-masked softmax) must not set the minimum
+    floor = float(attention_map[tissue].min()) if tissue.any() else 0.0
+    normalised = normalise_attention(np.where(tissue, attention_map, floor))
     kmeans_seed = int(rng.integers(0, 2**31 - 1))
     region = attention_region(normalised, tissue_mask, mask_kind, seed=kmeans_seed)
     noise = rng.uniform(sampler.noise_low, sampler.noise_high, size=normalised.shape)

@@ -168,7 +168,7 @@ def tumour_attention_fraction(model: DualAttentionModel, slides: list[ToySlide])
     fractions = []
     with torch.no_grad():
         for slide in slides:
-            attention = attention_map_of(model, slide.thumbnail).numpy()
+            attention = attention_map_of(model, slide.thumbnail, slide.tissue_mask).numpy()
             fractions.append(attention[slide.tumour_mask].sum() / attention[slide.tissue_mask].sum())
     return float(np.mean(fractions))
 
@@ -192,7 +192,7 @@ def tumour_attention_stats(model: DualAttentionModel, slides: list[ToySlide], co
     dims = (TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX)
     with torch.no_grad():
         for slide in slides:
-            attention = attention_map_of(model, slide.thumbnail).numpy()
+            attention = attention_map_of(model, slide.thumbnail, slide.tissue_mask).numpy()
             shares.append(attention[slide.tumour_mask].sum() / attention[slide.tissue_mask].sum())
             tissue_values = attention[slide.tissue_mask]
             aurocs.append(roc_auc_score(slide.tumour_mask[slide.tissue_mask], tissue_values)

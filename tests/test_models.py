@@ -175,3 +175,16 @@ def test_images_to_tensor_checks_shape() -> None:
     assert tensor.shape == (2, 3, 4, 5) and float(tensor.max()) == 1.0
     with pytest.raises(ValueError, match="RGB"):
         images_to_tensor(np.zeros((2, 4, 5), np.uint8)[None])
+
+
+def test_soft_attention_with_a_tissue_mask_is_zero_off_tissue() -> None:
+    config = preset("cpu-small")
+    net = SoftAttentionNet(config.soft_attention.conv_layers, config.soft_attention.base_channels,
+                           config.soft_attention.pool_size)
+    nn.init.normal_(net.to_logit.weight)
+    mask = torch.zeros(2, 9, 11, dtype=torch.bool)
+    mask[0, 2:5, 3:8] = True  # slide 1 has no tissue: it keeps all its pixels
+    attention = net(torch.rand(2, 3, 9, 11), mask)
+    assert torch.all(attention[0][~mask[0]] == 0) and torch.all(attention[0][mask[0]] > 0)
+    assert attention[0].sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.all(attention[1] > 0) and attention[1].sum().item() == pytest.approx(1.0, abs=1e-5)

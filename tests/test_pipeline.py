@@ -81,6 +81,7 @@ def test_propose_tiles(model, config) -> None:
     proposal = propose_tiles(model, slide.thumbnail, slide.tissue, slide.dims, config, seed=3)
     assert proposal.attention_map.shape == slide.thumbnail.shape[:2]
     assert proposal.attention_map.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.all(proposal.attention_map[~slide.tissue] == 0), "a softmax over tissue pixels"
     n = len(proposal.level0_boxes)
     assert 1 <= n <= config.sampler.n_tiles
     assert proposal.centers_thumb_rc.shape == (n, 2) and proposal.attention_weights.shape == (n,)
