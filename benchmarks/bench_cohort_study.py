@@ -359,6 +359,8 @@ def main() -> None:
     parser.add_argument("--giga-px", type=int, default=32768)
     parser.add_argument("--giga-slide", default=None, help="an existing gigapixel HER2 slide to time on")
     parser.add_argument("--skip-giga", action="store_true")
+    parser.add_argument("--coverage-only", action="store_true",
+                        help="only the tumour coverage of each method's tiles, from a previous run's outputs")
     parser.add_argument("--giga-only", action="store_true",
                         help="only the gigapixel timing, with the HER2 models a previous run saved in --work-dir")
     parser.add_argument("--num-readers", type=int, default=2)
@@ -370,6 +372,15 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     args.argv = sys.argv[1:]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    if args.coverage_only:
+        print("| task | method | mean tumour fraction in tiles | tiles touching tumour | slide tumour fraction |")
+        print("|---|---|---|---|---|")
+        for task in args.tasks.split(","):
+            for method in METHODS:
+                c = tumour_coverage(Path(args.work_dir) / task, method)
+                print(f"| {task} | {method} | {c['mean_tumour_fraction']:.2f} | {c['tiles_with_tumour']:.2f} | "
+                      f"{c['slide_tumour_fraction']:.2f} |")
+        return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     from jobs.tile_plane import TilePool
 
