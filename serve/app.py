@@ -222,12 +222,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     ``args`` override the environment by ``ServeSettings`` field name (``model``, ``slide_root``,
     ``max_upload_mb``, ...). Serve-only keys: ``torch_threads`` (per model replica, default 1);
-    ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling); and
+    ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling);
+    ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only); and
     ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
     moved alias)."""
     args = dict(args or {})
     torch_threads = int(args.pop("torch_threads", 1))
     soft_replicas, hard_replicas = args.pop("soft_replicas", None), args.pop("hard_replicas", None)
+    gpus = float(args.pop("gpus_per_replica", 0))
     args.pop("model_revision", None)
     if "model" in args:
         args["model_uri"] = args.pop("model")
@@ -238,13 +240,15 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         # Deploy anyway: the service comes up and answers 503 naming the cause (and healthz says so).
         model_ref = ModelRef(uri=settings.model_uri, name=settings.model_uri, version=None, alias=None,
                              error=str(error))
-    soft = _fixed(SoftAttentionStage, soft_replicas).bind(model_ref, settings.tracking_uri, torch_threads)
-    hard = _fixed(HardAttentionStage, hard_replicas).bind(model_ref, settings.tracking_uri, torch_threads)
+    soft = _fixed(SoftAttentionStage, soft_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
+    hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
     return ScoringIngress.bind(soft, hard, settings)
 
 
-def _fixed(deployment: serve.Deployment, replicas: int | str | None) -> serve.Deployment:
-    """The deployment with autoscaling, or with exactly ``replicas`` replicas."""
+def _fixed(deployment: serve.Deployment, replicas: int | str | None, gpus: float) -> serve.Deployment:
+    """The deployment with autoscaling, or with exactly ``replicas`` replicas; ``gpus`` per replica."""
+    if gpus > 0:
+        deployment = deployment.options(ray_actor_options={**deployment.ray_actor_options, "num_gpus": gpus})
     if replicas is None:
         return deployment
     return deployment.options(num_replicas=int(replicas), autoscaling_config=None)

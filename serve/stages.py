@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 import types
 from dataclasses import dataclass
@@ -81,8 +82,10 @@ class _ModelHolder:
         self.config: DualAttentionConfig | None = None
         self.meta: dict[str, Any] = {}
         self.load_error: str | None = None
+        self.device = replica_device()
         try:
             self.model, self.config, self.meta = load_model(model_ref, tracking_uri)
+            self.model.to(self.device)
         except ModelLoadError as error:
             self.load_error = str(error)
 
@@ -90,6 +93,10 @@ class _ModelHolder:
         if self.model is None or self.config is None:
             raise ModelNotLoaded(f"model not loaded: {self.load_error}")
         return self.model, self.config
+
+    def on_device(self, model: Any) -> Any:
+        """``model`` as the pipeline should call it on this replica's device."""
+        return on_device(model, self.device)
 
     def describe(self) -> dict[str, Any]:
         """Model identity and config for the ingress (raises ``ModelNotLoaded``)."""
@@ -135,7 +142,7 @@ class SoftAttentionStage:
             raise NoTissue(f"no tissue found on the slide's thumbnail (1/{config.slide.thumbnail_downsample} "
                            "of level 0): nothing to score")
         start = time.perf_counter()
-        proposal = propose_tiles(model, thumbnail, mask, level0_dims, config, seed)
+        proposal = propose_tiles(self.holder.on_device(model), thumbnail, mask, level0_dims, config, seed)
         propose_s = time.perf_counter() - start
         if not proposal.level0_boxes:
             raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
@@ -203,7 +210,8 @@ class HardAttentionStage:
             shortfall_reason=None,
         )
         tiles = np.concatenate([job.tiles for job in jobs])
-        return score_tiles(_with_glimpses(model, n_glimpses), tiles, merged, config, seed=0)
+        scoring_model = self.holder.on_device(_with_glimpses(model, n_glimpses))
+        return score_tiles(scoring_model, tiles, merged, config, seed=0)
 
 
 def _with_glimpses(model: Any, n_glimpses: int) -> Any:
@@ -218,3 +226,52 @@ def _with_glimpses(model: Any, n_glimpses: int) -> Any:
     agent = copy.copy(model.agent)
     agent.n_glimpses = n_glimpses
     return types.SimpleNamespace(agent=agent)
+
+
+# -- GPUs ------------------------------------------------------------------------------------------------
+
+
+def replica_device() -> torch.device:
+    """CUDA when this replica was given a GPU (``ray_actor_options: {num_gpus: ...}``) and torch sees one."""
+    import ray
+
+    if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def on_device(model: Any, device: torch.device) -> Any:
+    """The model itself on the CPU; on a GPU, a view whose networks take the pipeline's CPU tensors and
+    give CPU results back (the pipeline builds inputs on the CPU and reads outputs with ``.numpy()``)."""
+    if device.type == "cpu":
+        return model
+    view = types.SimpleNamespace(agent=OnDevice(model.agent, device))
+    if hasattr(model, "soft_attention"):
+        view.soft_attention = OnDevice(model.soft_attention, device)
+    return view
+
+
+class OnDevice:
+    """Calls ``network`` on ``device``: moves every tensor argument there and every tensor of the result
+    (also inside a dataclass such as the agent's output) back to the CPU."""
+
+    def __init__(self, network: Any, device: torch.device) -> None:
+        self.network = network
+        self.device = device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(self._to_device(a) for a in args)
+        kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
+        return _to_cpu(self.network(*args, **kwargs))
+
+    def _to_device(self, value: Any) -> Any:
+        return value.to(self.device) if isinstance(value, torch.Tensor) else value
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _to_cpu(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)})
+    return value
