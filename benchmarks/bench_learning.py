@@ -47,6 +47,14 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 GLASS_GREY = 238  # synthetic cohort thumbnails: glass reads ~242 grey, tissue darker
 
 
+def _shown(attention: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """What the sampler sees: attention min-max normalised over tissue; off tissue masked out."""
+    from dual_attention.sampling import normalise_attention
+
+    floor = attention[tissue].min()
+    return np.ma.masked_where(~tissue, normalise_attention(np.where(tissue, attention, floor)))
+
+
 def bench_agent(seeds: list[int], steps: int) -> list[str]:
     rows = ["| seed | steps | accuracy before | accuracy after | tiles with a glimpse on the label, before | after |",
             "|---|---|---|---|---|---|"]
@@ -113,14 +121,15 @@ def _sam_figure(model, slides, seed: int, beta: float, steps: int) -> None:
         axes[0, column].imshow(slide.thumbnail)
         axes[0, column].set_title(f"thumbnail, label {slide.label}")
         for row, (attention, title) in enumerate(zip(maps, ("before", f"after {steps} steps"), strict=True), 1):
-            axes[row, column].imshow(attention, cmap="magma")
+            axes[row, column].imshow(_shown(attention, slide.tissue_mask), cmap="magma", vmin=0, vmax=1)
             axes[row, column].contour(slide.tumour_mask, levels=[0.5], colors="cyan", linewidths=1)
             share = attention[slide.tumour_mask].sum() / attention[slide.tissue_mask].sum()
             axes[row, column].set_title(f"{title}: {share:.2f} on tumour")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"Soft attention (β={beta:g}, seed {seed}): tumour outlined in cyan")
+    fig.suptitle(f"Soft attention (β={beta:g}, seed {seed}), min-max normalised over tissue as the sampler sees "
+                 "it; titles: attention mass on tumour; tumour outlined in cyan")
     fig.tight_layout()
     fig.savefig(FIGURES / "sam_attention_before_after.png", dpi=110)
     plt.close(fig)
@@ -235,14 +244,15 @@ def bench_cohort_sam(steps: int, n_slides: int, slide_px: int, beta: float, seed
         axes[0, column].imshow(s["thumbnail"])
         axes[0, column].set_title(f"held-out, label {config.class_names[s['label']]}")
         for row, (attention, title) in enumerate(((initial, "before"), (final, f"after {steps} steps")), 1):
-            axes[row, column].imshow(attention, cmap="magma")
+            axes[row, column].imshow(_shown(attention, s["tissue"]), cmap="magma", vmin=0, vmax=1)
             axes[row, column].contour(s["tumour"], levels=[0.5], colors="cyan", linewidths=0.8)
             share = attention[s["tumour"]].sum() / attention[s["tissue"]].sum()
             axes[row, column].set_title(f"{title}: {share:.2f} on tumour")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"SAM on the synthetic MMR cohort ({slide_px}² slides, β={beta:g}); tumour outlined in cyan")
+    fig.suptitle(f"SAM on the synthetic MMR cohort ({slide_px}² slides, β={beta:g}), min-max normalised over tissue; "
+                 "titles: attention mass on tumour; tumour outlined in cyan")
     fig.tight_layout()
     fig.savefig(FIGURES / "sam_cohort_before_after.png", dpi=110)
     plt.close(fig)
