@@ -138,10 +138,10 @@ class ScoringIngress:
                     seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
         """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
         upload), so ``validate_s`` and ``total_s`` include them."""
+        validate_s = time.perf_counter() - received_at
         info = await self.model_info()
         config = DualAttentionConfig.from_dict((await self._describe())["config"])
         n_glimpses = n_glimpses or config.agent.n_glimpses
-        validate_s = time.perf_counter() - received_at
 
         start = time.perf_counter()
         soft: SoftResult = await self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
@@ -203,7 +203,13 @@ class ScoringIngress:
         )
 
     def _read_tiles(self, slide_path: str, tile_level0_px: int, boxes: list) -> np.ndarray:
-        return self.tile_pool().read_tiles_fn(slide_path, tile_level0_px)(boxes)
+        pool = self.tile_pool()
+        try:
+            return pool.read_tiles_fn(slide_path, tile_level0_px)(boxes)
+        finally:
+            # The response reports pixels read from the boxes; the pool's per-slide counter would only
+            # grow with every uploaded (uniquely named) slide.
+            pool.reset_pixel_counts(slide_path)
 
     async def overlay_png(self, score_id: str) -> bytes | None:
         inputs = self.overlays.get(score_id)
