@@ -869,8 +869,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         elif (resume / "model.pt").is_file() or resume.name == "model.pt":
             from dual_attention.checkpoint import load_checkpoint
 
-            _, config, _ = load_checkpoint(resume)
+            _, config, extra = load_checkpoint(resume)
             config = config.with_overrides(list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else []))
+            done = int(extra.get("epoch", -1)) + 1
+            if done >= config.train.epochs:
+                print(f"error: --resume {resume}: the checkpoint has {done} epoch(s) done and train.epochs is "
+                      f"{config.train.epochs}; pass --epochs greater than {done}", file=sys.stderr)
+                return 2
             resume_checkpoint = str(resume if resume.is_dir() else resume.parent)
             run_dir = Path(args.run_dir) if args.run_dir else None
             manifest = args.manifest

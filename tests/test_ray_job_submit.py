@@ -1,6 +1,7 @@
 """The training entry point runs unchanged as a Ray job: a real `ray start` cluster (with the dashboard, which
 the Jobs API needs), `JobSubmissionClient.submit_job(entrypoint="python -m jobs.train ...")` with the project
-as working_dir, MLflow pointed at a sqlite file through the job's environment.
+as working_dir, MLflow pointed at a sqlite file through the job's environment; the job runs k-fold
+cross-validation (--all-folds) so the parent/fold runs and the per-fold aliases are checked too.
 
 The cluster gets its own --temp-dir, so no other `ray.init()` on this machine finds it, and it is stopped by
 killing exactly the processes whose command line names that folder (`ray stop` would stop every Ray
@@ -127,7 +128,7 @@ def test_training_runs_as_a_ray_job_and_logs_to_the_given_mlflow(job_cluster: st
     job_id = _submit_when_agent_ready(
         client,
         entrypoint=(f"python -m jobs.train --manifest {manifest} --epochs 1 --num-workers 2 --run-dir {run_dir} "
-                    "--overlays-per-epoch 1 --model-name job-model"),
+                    "--all-folds --overlays-per-epoch 1 --model-name job-model"),
         runtime_env={
             "working_dir": str(PROJECT_ROOT),
             "excludes": [".venv", "data", "runs", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache"],
@@ -142,15 +143,24 @@ def test_training_runs_as_a_ray_job_and_logs_to_the_given_mlflow(job_cluster: st
         status = client.get_job_status(job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
-    assert "[train] summary" in logs and "[train] epoch 1/1" in logs
+    assert "[train] summary" in logs and "[train] epoch 1/1" in logs and "all (pooled)" in logs
 
     # the job's driver wrote to the MLflow store named in its environment, not to the run folder
     assert not (run_dir / "mlflow.db").exists()
     mlflow_client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = mlflow_client.get_experiment_by_name("dual-attention")
-    (run,) = mlflow_client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "1"
-    assert "val_accuracy" in run.data.metrics and "train_l_j" in run.data.metrics
-    version = mlflow_client.get_model_version_by_alias("job-model", "candidate")
-    assert str(version.version) == "1"
+    runs = mlflow_client.search_runs([experiment.experiment_id])
+    assert all(run.info.status == "FINISHED" for run in runs)
+    # --all-folds: a parent run with the pooled metrics and one nested run per validation fold
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    folds = {r.data.tags["val_fold"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(folds) == ["0", "1"]
+    assert parent.data.metrics["cv_n_slides"] == 8  # every slide validated once, by the fold that held it out
+    for fold in folds.values():
+        assert fold.data.params["train.epochs"] == "1"
+        assert "val_accuracy" in fold.data.metrics and "train_l_j" in fold.data.metrics
+    fold_versions = {k: mlflow_client.get_model_version_by_alias("job-model", f"candidate-fold{k}") for k in folds}
+    assert sorted(str(v.version) for v in fold_versions.values()) == ["1", "2"]
+    best = mlflow_client.get_model_version_by_alias("job-model", "candidate")
+    assert str(best.version) in {"1", "2"}
+    assert "[train] alias candidate -> job-model" in logs

@@ -73,6 +73,16 @@ def test_resume_from_something_that_is_neither_a_run_nor_a_checkpoint_is_refused
     assert "neither a run folder" in capsys.readouterr().err
 
 
+def test_resume_from_a_finished_checkpoint_asks_for_more_epochs(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from dual_attention.checkpoint import save_checkpoint
+
+    config = preset("cpu-small")  # 4 epochs
+    save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config, extra={"epoch": 3})
+    assert main(["--resume", str(tmp_path / "ckpt"), "--manifest", str(tmp_path / "unused.parquet")]) == 2
+    assert "pass --epochs greater than 4" in capsys.readouterr().err
+
+
 # -- a real run ------------------------------------------------------------------------------------------------
 
 BROKEN_ID = "broken-slide"
