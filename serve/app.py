@@ -15,6 +15,7 @@ always reaches the replica that holds it. The two model stages scale on their ow
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import SlideScore, TileProposal, aggregate
+from dual_attention.pipeline import SlideScore, aggregate
 from jobs.tile_plane import TilePool
 from serve.http_api import create_http_app
 from serve.model_source import ModelLoadError, ModelRef, pin_model_uri
@@ -154,11 +155,8 @@ class ScoringIngress:
         tile_read_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        light_proposal = TileProposal(level0_boxes=soft.proposal.level0_boxes,
-                                      attention_weights=soft.proposal.attention_weights,
-                                      attention_map=np.zeros((0, 0)),
-                                      centers_thumb_rc=soft.proposal.centers_thumb_rc,
-                                      shortfall_reason=soft.proposal.shortfall_reason)
+        # The hard stage needs boxes and weights, not the attention map.
+        light_proposal = dataclasses.replace(soft.proposal, attention_map=np.zeros((0, 0)))
         hard: HardResult = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses))
         tile_scores = hard.tile_scores
         hard_s = time.perf_counter() - start

@@ -49,7 +49,7 @@ def request_config(config: DualAttentionConfig, n_tiles: int | None) -> DualAtte
 
 @dataclass
 class SoftResult:
-    proposal: TileProposal
+    proposal: TileProposal  # its attention map is kept only when an overlay was asked for
     level0_dims: tuple[int, int]
     thumbnail: np.ndarray | None  # kept only when an overlay was asked for
     thumbnail_s: float
@@ -146,6 +146,9 @@ class SoftAttentionStage:
         propose_s = time.perf_counter() - start
         if not proposal.level0_boxes:
             raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
+        if not keep_thumbnail:
+            # Only an overlay needs the map; for a 40x slide it is ~3000² float64, tens of MB per answer.
+            proposal = dataclasses.replace(proposal, attention_map=np.zeros((0, 0)))
         return SoftResult(proposal=proposal, level0_dims=level0_dims,
                           thumbnail=thumbnail if keep_thumbnail else None,
                           thumbnail_s=thumbnail_s, propose_s=propose_s)
