@@ -19,6 +19,7 @@ training step. Prints markdown tables (paste into benchmarks/RESULTS.md, section
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -150,18 +151,22 @@ def bench_step_time(repeats: int) -> list[str]:
                        [s[2] for s in slides], [(1536, 1024)] * 4,
                        [lambda boxes, a=s[0]: np.stack([a[b.y0:b.y0 + 256, b.x0:b.x0 + 256] for b in boxes])
                         for s in slides])
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, terms = training_step(model, batch, 0, config, rng)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         times.append(time.perf_counter() - t0)
-    times = times[1:]  # the first step pays one-off costs
-    return ["| step | tiles | torch threads | median s | min s | max s |", "|---|---|---|---|---|---|",
+        cpu_times.append(time.process_time() - c0)
+    times, cpu_times = times[1:], cpu_times[1:]  # the first step pays one-off costs
+    load = os.getloadavg()[0]
+    return ["| step | tiles | torch threads | wall median s | wall min s | wall max s | CPU median s | load avg |",
+            "|---|---|---|---|---|---|---|---|",
             f"| cpu-small joint training_step + backward + Adam | {int(terms['n_tiles'])} | {torch.get_num_threads()} | "
-            f"{statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |"]
+            f"{statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} | {statistics.median(cpu_times):.3f} | "
+            f"{load:.0f} |"]
 
 
 def bench_cohort_sam(steps: int, n_slides: int, slide_px: int, beta: float, seed: int, workdir: Path) -> list[str]:
