@@ -17,6 +17,7 @@ before it died).
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -95,6 +96,18 @@ class ReleaseStoppedTrials(Callback):
         ray.get_actor(self._ledger_name).trial_ended.remote(trial.trial_id)
 
 
-def start_ledger(name: str) -> Any:
-    """The search's ledger actor (named, so that trials and callbacks find it); lives with the driver."""
-    return PlacementGroupLedger.options(name=name, get_if_exists=True).remote()
+def start_ledger(name: str, attempts: int = 30) -> Any:
+    """The search's ledger actor (named, so that trials and callbacks find it); lives with the driver.
+
+    A resumed search may start while the ledger of the killed driver before it is still being torn down
+    under the same name: wait for that one to go rather than hand out a dying actor."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    for _ in range(attempts):
+        ledger = PlacementGroupLedger.options(name=name, get_if_exists=True).remote()
+        try:
+            ray.get(ledger.removed_groups.remote(), timeout=60)
+            return ledger
+        except (RayActorError, GetTimeoutError):
+            time.sleep(1.0)
+    raise RuntimeError(f"could not start the placement-group ledger actor {name!r}")

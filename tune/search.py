@@ -227,7 +227,9 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
             trainable,
             param_space=space.to_tune(),
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=settings.num_samples, max_concurrent_trials=concurrent,
+                metric=metric, mode=mode, num_samples=settings.num_samples,
+                # Optuna gets Tune's ConcurrencyLimiter; the random searcher limits itself (see _searcher)
+                max_concurrent_trials=concurrent if settings.searcher == "optuna" else None,
                 search_alg=_searcher(settings, space, concurrent),
                 # max_t one past the last epoch: a trial that runs every epoch ends by itself (its Train
                 # run shuts down cleanly) instead of being stopped at its last report; the rungs are the same.
@@ -242,9 +244,11 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
-    removed = ray.get(ledger.removed_groups.remote())
-    ray.kill(ledger)
+    try:
+        grid = tuner.fit()
+        removed = ray.get(ledger.removed_groups.remote())
+    finally:
+        ray.kill(ledger)
 
     rows = results_mod.trial_rows(grid, space, metric, mode, epochs)
     best = results_mod.best_row(rows, mode)
@@ -254,13 +258,19 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     table_paths = results_mod.write_table(results_mod.rows_table(rows, metric, runs), out_dir)
     plot_path = results_mod.plot_trials(rows, metric, out_dir / "metric_vs_params.png",
                                         title=f"{settings.name}: {len(rows)} trials, {base.task}")
-    registered = None
-    if settings.register and best is not None and best.best_checkpoint and runs.get(best.trial_id):
+    registered = settings.extra.get("registered")  # a resumed search that had already finished
+    if registered and best is not None and registered.get("trial_id") == best.trial_id:
+        registered = tracking.RegisteredModel(**{k: v for k, v in registered.items() if k != "trial_id"})
+    elif settings.register and best is not None and best.best_checkpoint and runs.get(best.trial_id):
         registered = register_best(
             tracking_uri, runs[best.trial_id], best.best_checkpoint, base.class_names,
             settings.model_name or tracking.default_model_name(base.task), settings.model_alias,
             tags={"search": settings.name, "trial_id": best.trial_id, "metric": metric,
                   "value": f"{best.metric_best:.6g}"})
+        settings.extra["registered"] = dict(asdict(registered), trial_id=best.trial_id)
+        settings.save()
+    else:
+        registered = None
     wall = time.perf_counter() - started
     report = {
         "experiment_dir": str(experiment_dir), "metric": metric, "mode": mode, "trials": len(rows),
