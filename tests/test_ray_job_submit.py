@@ -128,14 +128,14 @@ def test_training_runs_as_a_ray_job_and_logs_to_the_given_mlflow(job_cluster: st
     job_id = _submit_when_agent_ready(
         client,
         entrypoint=(f"python -m jobs.train --manifest {manifest} --epochs 1 --num-workers 2 --run-dir {run_dir} "
-                    "--all-folds --overlays-per-epoch 1 --model-name job-model"),
+                    "--all-folds --overlays-per-epoch 1 --model-name job-model --tile-reader local"),
         runtime_env={
             "working_dir": str(PROJECT_ROOT),
             "excludes": [".venv", "data", "runs", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache"],
             "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
         },
     )
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 600  # two folds; generous for a loaded 2-core machine
     status = client.get_job_status(job_id)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, f"job {job_id} still {status}; logs:\n{client.get_job_logs(job_id)[-4000:]}"
