@@ -55,6 +55,7 @@ from jobs.evaluate import (
     metrics_from_predictions,
     print_report,
     select_rows,
+    set_torch_threads,
     slide_seed,
 )
 
@@ -272,6 +273,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     random_parser.add_argument("--num-readers", type=int, default=2)
     random_parser.add_argument("--overlays", type=int, default=4)
     random_parser.add_argument("--mlflow-uri", default=None)
+    random_parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     random_parser.add_argument("--quiet", action="store_true")
 
     window = sub.add_parser("sliding-window", help="ResNet18 over every stained-tissue patch, top-15 aggregation")
@@ -287,6 +289,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         window.add_argument(f"--{name}", type=kind, default=None)
     window.add_argument("--stain-mask", choices=("dab", "gray", "none"), default=None)
     window.add_argument("--num-readers", type=int, default=2)
+    window.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (1 is much faster on small machines shared with other jobs)")
     window.add_argument("--quiet", action="store_true")
     return parser
 
@@ -301,6 +305,7 @@ def sliding_window_config_from_args(args: argparse.Namespace, task: str) -> Slid
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
+        set_torch_threads(args.torch_threads)
         if args.baseline == "random":
             report = run_random_baseline(args.model, args.manifest, args.out, folds=args.folds, seed=args.seed,
                                          num_readers=args.num_readers, n_overlays=args.overlays,

@@ -406,13 +406,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
     parser.add_argument("--cache-dir", default=None,
                         help="thumbnail/tissue-mask cache of jobs.preprocess (default: compute, no cache)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (1 is much faster on small machines shared with other jobs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def set_torch_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--torch-threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
+        set_torch_threads(args.torch_threads)
         report = evaluate_manifest(args.model, args.manifest, args.out, folds=args.folds, sampler=args.sampler,
                                    seed=args.seed, num_readers=args.num_readers, n_overlays=args.overlays,
                                    tracking_uri=args.mlflow_uri, cache_dir=args.cache_dir,

@@ -105,7 +105,8 @@ def test_sliding_window_job_trains_on_train_folds_and_scores_test_folds(ray_clus
     # 32² patches at 10x from a 40x slide: 128 level-0 px each; a tiny ResNet18 for one epoch
     args = ["sliding-window", "--manifest", str(tiny_cohort), "--out", str(out), "--train-folds", "1",
             "--test-folds", "0", "--patch-px", "32", "--magnification", "10", "--resnet-width", "8", "--epochs", "1",
-            "--train-patches-per-slide", "8", "--stain-mask", "none", "--top-k", "3", "--quiet"]
+            "--train-patches-per-slide", "8", "--stain-mask", "none", "--top-k", "3", "--torch-threads", "1",
+            "--quiet"]
     assert main(args) == 0
     predictions = pq.read_table(out / "predictions.parquet").to_pylist()
     assert sorted(p["slide_id"] for p in predictions) == ["s0", "s2"]  # fold 0 only; the broken one skipped
