@@ -90,6 +90,31 @@ def tumour_patches(slide, mask_path: str, rng: np.random.Generator) -> np.ndarra
     return np.stack(patches)
 
 
+def save_examples(examples: dict[int, tuple[np.ndarray, np.ndarray]], task: str, path: Path) -> None:
+    """One slide per class: its thumbnail (what the baseline sees) over a 40x tumour patch (what decides)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dual_attention.config import CLASS_NAMES
+
+    labels = sorted(examples)
+    fig, axes = plt.subplots(2, len(labels), figsize=(3 * len(labels), 6.2), squeeze=False)
+    for i, label in enumerate(labels):
+        thumbnail, patch = examples[label]
+        axes[0, i].imshow(thumbnail)
+        axes[0, i].set_title(f"{task} {CLASS_NAMES[task][label]}: thumbnail 1/32")
+        axes[1, i].imshow(patch, interpolation="nearest")
+        axes[1, i].set_title(f"40x, {PATCH_LEVEL0_PX} px in tumour")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> tuple[float, float]:
     # Regularisation chosen by an inner CV on the training folds only (nested): fair to both models.
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, max_iter=5000))
@@ -106,6 +131,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--cv-folds", type=int, default=5)
     parser.add_argument("--cohort", type=Path, default=None, help="reuse this cohort folder (else a temp one)")
+    parser.add_argument("--figure", type=Path, default=None, help="save example thumbnails and 40x patches here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-thumb-") as scratch:
@@ -118,14 +144,19 @@ def main() -> None:
         rows = read_manifest(manifest_path).to_pylist()
         rng = np.random.default_rng(args.seed)
         rgb_features, hed_features, hp_features, labels = [], [], [], []
+        examples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for row in rows:
             with open_slide(row["path"]) as slide:
                 thumbnail = slide.thumbnail(32)
                 mask = tissue_mask(thumbnail, min_area_thumb_px=4)
                 rgb_features.append(thumbnail_rgb_histogram(thumbnail, mask))
                 hed_features.append(thumbnail_hed_histogram(thumbnail, mask))
-                hp_features.append(high_power_features(tumour_patches(slide, row["tumour_mask_path"], rng)))
+                patches = tumour_patches(slide, row["tumour_mask_path"], rng)
+                hp_features.append(high_power_features(patches))
+                examples.setdefault(row["label"], (thumbnail, patches[0]))
             labels.append(row["label"])
+        if args.figure:
+            save_examples(examples, args.task, args.figure)
         labels = np.array(labels)
         rgb_acc = cv_accuracy(np.array(rgb_features), labels, args.cv_folds, args.seed)
         hed_acc = cv_accuracy(np.array(hed_features), labels, args.cv_folds, args.seed)

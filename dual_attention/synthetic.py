@@ -229,6 +229,7 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         # Tumour nuclei size per slide: how much nuclear colour a tumour shows at low power, whatever the label.
         "tumour_nucleus_scale": rng.uniform(0.75, 1.15),
         "cytoplasm_blush": 0.0,
+        "tumour_cytoplasm_h": 0.16,
         "tumour_nuclear_dab": 0.0,
         "normal_nuclear_dab": 0.0,
     }
@@ -245,6 +246,8 @@ def make_layout(task: str, label: int, seed: int, width_level0_px: int, height_l
         params["cytoplasm_blush"] = rng.uniform(0.0, 0.5)
         params["normal_nuclear_dab"] = rng.uniform(0.5, 0.9)
         params["tumour_nuclear_dab"] = rng.uniform(0.4, 0.95) if label == 0 else rng.uniform(0.0, 0.04)
+        # Counterstain of tumour cytoplasm varies per slide, so low-power blueness says nothing of the nuclei.
+        params["tumour_cytoplasm_h"] = rng.uniform(0.08, 0.3)
         params["membrane_dab"] = 0.0
         params["membrane_completeness"] = 0.0
         params["membrane_half_width_px"] = 1.0
@@ -475,7 +478,7 @@ def render_region(layout: SlideLayout, x0: int, y0: int, width: int, height: int
     nucleus += f32(0.5)
     np.clip(nucleus, 0.0, 1.0, out=nucleus)
     nucleus *= f32(1.0) + f32(0.12) * texture
-    haematoxylin = np.where(is_tumour, f32(0.16), f32(0.09)) * in_tissue
+    haematoxylin = np.where(is_tumour, f32(p["tumour_cytoplasm_h"]), f32(0.09)) * in_tissue
     haematoxylin *= (f32(1.0) + f32(0.25) * texture) * f32(p["haematoxylin_gain"])
     haematoxylin += nucleus * at("nuclear_h")
     dab = nucleus * at("nuclear_dab")
