@@ -240,23 +240,30 @@ def _float_or_none(value: str | None) -> float | None:
 def tissue_mask(thumbnail_rgb: np.ndarray, min_area_thumb_px: int = 16) -> np.ndarray:
     """Tissue on a thumbnail as a (rows, cols) bool mask.
 
-    Otsu on the grayscale image separates stained tissue from bright glass; pen ink (green, or saturated
-    blue) and very dark regions (black ink, dirt, thick folds) are excluded, then small specks are removed
-    and small holes filled.
+    Glass is the least absorbing class of the optical density: a three-class Otsu (glass | pale tissue |
+    dense tissue) keeps pale stroma that a two-class Otsu would throw away with the glass, falling back to
+    two classes where the image has too few levels. Pen ink (green, or saturated blue) and very dark
+    regions (black ink, dirt, thick folds) are excluded, then small specks are removed and small holes
+    filled.
     """
     rgb = np.asarray(thumbnail_rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"tissue_mask expects an (h, w, 3) RGB image, got shape {rgb.shape}")
-    gray = color.rgb2gray(rgb)
-    if float(gray.max() - gray.min()) < 0.02:  # one flat colour: nothing to separate
-        return np.zeros(gray.shape, dtype=bool)
-    foreground = gray < filters.threshold_otsu(gray)
     hsv = color.rgb2hsv(rgb)
     hue_deg, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
     green_ink = (hue_deg > 70) & (hue_deg < 190) & (saturation > 0.25)
     blue_ink = (hue_deg >= 190) & (hue_deg < 250) & (saturation > 0.6)
     very_dark = value < 0.2
-    mask = foreground & ~green_ink & ~blue_ink & ~very_dark
+    excluded = green_ink | blue_ink | very_dark
+    optical_density = -np.log(np.clip(rgb.astype(np.float64), 1.0, 255.0) / 255.0).sum(axis=-1)
+    candidates = optical_density[~excluded]  # ink and dirt would otherwise pull the thresholds up
+    if candidates.size == 0 or float(candidates.max() - candidates.min()) < 0.05:  # nothing to separate
+        return np.zeros(optical_density.shape, dtype=bool)
+    try:
+        glass_threshold = filters.threshold_multiotsu(candidates, classes=3)[0]
+    except ValueError:  # fewer than three distinct levels
+        glass_threshold = filters.threshold_otsu(candidates)
+    mask = (optical_density > glass_threshold) & ~excluded
     mask = morphology.opening(mask, morphology.disk(1)) if min(mask.shape) > 4 else mask
     mask = morphology.remove_small_objects(mask, max_size=max(0, min_area_thumb_px - 1))
     return morphology.remove_small_holes(mask, max_size=max(1, min_area_thumb_px - 1))

@@ -206,3 +206,17 @@ def test_thumbnail_level0_mapping_properties(width, height, downsample, tile, fr
         assert abs(center_rc[1] - rc[1]) <= 0.5 / downsample + 1e-9
     if unshifted_y:
         assert abs(center_rc[0] - rc[0]) <= 0.5 / downsample + 1e-9
+
+
+@pytest.mark.parametrize(("task", "label"), [("her2", 0), ("her2", 3), ("mmr", 1)])
+def test_tissue_mask_finds_pale_stroma_of_synthetic_slides(tmp_path: Path, task: str, label: int) -> None:
+    """Pale stroma is tissue too: a two-class threshold would keep only the dense tumour."""
+    from dual_attention.metrics import dice
+    from dual_attention.synthetic import make_layout, write_synthetic_slide
+
+    path = tmp_path / f"{task}-{label}.tiff"
+    write_synthetic_slide(path, task, label, seed=7, width_level0_px=2048, height_level0_px=2048)
+    with open_slide(path) as slide:
+        mask = tissue_mask(slide.thumbnail(32), min_area_thumb_px=4)
+    truth = make_layout(task, label, 7, 2048, 2048).tissue_mask()
+    assert dice(mask, truth) > 0.85
