@@ -856,7 +856,19 @@ def _config_from_args(args: argparse.Namespace) -> DualAttentionConfig:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from dual_attention.checkpoint import CheckpointError
+    from dual_attention.config import ConfigError
+    from dual_attention.manifest import ManifestError
+
     args = build_parser(prog).parse_args(argv)
+    try:
+        return _main(args)
+    except (ConfigError, ManifestError, CheckpointError) as error:  # bad input: say what, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     resume_checkpoint: str | None = None
     if args.resume:
         resume = Path(args.resume)
@@ -896,10 +908,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     state = _read_json(run_dir / "state.json")
     state["manifest"] = str(Path(manifest).resolve())
 
-    if args.all_folds:
-        from dual_attention.manifest import read_manifest
+    from dual_attention.manifest import read_manifest
 
-        val_folds = sorted(set(read_manifest(manifest).column("fold").to_pylist()))
+    manifest_folds = read_manifest(manifest).column("fold").to_pylist()  # a bad manifest fails here, before Ray
+    if args.all_folds:
+        val_folds = sorted(set(manifest_folds))
     else:
         val_folds = state.get("val_folds") if args.resume and state.get("val_folds") else [config.train.val_fold]
     state["val_folds"] = val_folds

@@ -73,6 +73,15 @@ def test_resume_from_something_that_is_neither_a_run_nor_a_checkpoint_is_refused
     assert "neither a run folder" in capsys.readouterr().err
 
 
+def test_bad_input_is_refused_before_ray_starts_naming_the_field_or_file(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing.parquet"
+    assert main(["--manifest", str(missing), "--run-dir", str(tmp_path / "run")]) == 2
+    assert f"manifest {missing}: file not found" in capsys.readouterr().err
+    assert main(["--manifest", str(missing), "--set", "loss.alpha=3"]) == 2
+    assert "loss.alpha" in capsys.readouterr().err
+
+
 def test_resume_from_a_finished_checkpoint_asks_for_more_epochs(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     from dual_attention.checkpoint import save_checkpoint
