@@ -317,19 +317,10 @@ def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
     else:
         version = client.get_model_version(name, match["version"])
     target = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dual-attention-model-"))
-    # The model version's source (a logged model of a run) is resolved through the *global* tracking URI,
-    # whatever download_artifacts is given: point it at this store for the download, then put it back.
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(target), tracking_uri=uri,
-            registry_uri=uri,
-        )
-    finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+    # Download from the version's artifact location through this client: a "models:/" download would
+    # resolve the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
+    artifact_uri = client.get_model_version_download_uri(name, version.version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(target), tracking_uri=uri)
     checkpoint_dir = _find_checkpoint_dir(Path(local))
     model, config, _ = load_checkpoint(checkpoint_dir)
     model.eval()

@@ -30,7 +30,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
                                  registry_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     version = client.get_model_version_by_alias("dual-attention-her2", "candidate")
-    assert version.version == "1"
+    assert str(version.version) == "1"
 
     # An HTTP score of a held-out slide, and a non-empty overlay PNG.
     summary = json.loads((workdir / "quickstart-summary.json").read_text())
