@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext as _nothing
 from dataclasses import dataclass, field
@@ -79,6 +79,9 @@ _TEXTURE_PX = 509  # prime, so the noise texture never lines up with tiles
 
 # HER2 membrane staining per class: (intensity, fraction of membrane edges stained, half-width px)
 HER2_MEMBRANE = {0: (0.0, 0.0, 1.3), 1: (0.45, 0.40, 1.3), 2: (0.65, 0.97, 1.3), 3: (1.1, 1.0, 1.6)}
+
+
+RenderStrip = Callable[[int, int], np.ndarray]  # (y0_level0, rows) -> (rows, width, 3) uint8
 
 
 class SyntheticError(ValueError):
@@ -617,7 +620,7 @@ def _strip_tiles(strip: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
 
 
 def _level_tiles(
-    w: int, h: int, render_strip, source: Path | None, sink: Path | None, progress: tqdm | None
+    w: int, h: int, render_strip: RenderStrip, source: Path | None, sink: Path | None, progress: tqdm | None
 ) -> Iterator[np.ndarray]:
     """Tiles of one level in row-major order, one strip of TILE_PX rows at a time.
 
@@ -650,7 +653,7 @@ def write_pyramid(
     path: str | Path,
     width_level0_px: int,
     height_level0_px: int,
-    render_strip,
+    render_strip: RenderStrip,
     mpp: float = MPP_40X,
     objective_power: float | None = OBJECTIVE_POWER,
     note: str = "",
@@ -801,8 +804,9 @@ def plan_cohort(task: str, n_slides: int, seed: int, n_folds: int) -> list[tuple
     ]
 
 
-def _write_one(job: tuple[str, str, int, int, int, str, int, str, float | None]) -> dict[str, Any]:
-    out_dir, task, label, fold, seed, slide_id, size, _, objective_power = job
+def _write_one(job: tuple[str, str, int, int, int, str, int, float | None]) -> dict[str, Any]:
+    """One cohort slide (a picklable job for the process pool)."""
+    out_dir, task, label, fold, seed, slide_id, size, objective_power = job
     info = write_synthetic_slide(
         Path(out_dir) / "slides" / f"{slide_id}.tiff",
         task,
@@ -838,7 +842,7 @@ def write_cohort(
         raise SyntheticError(f"slide_level0_px must be an integer >= {2 * CELL_PX}, got {slide_level0_px!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1, n_slides)
-    jobs = [(str(out_dir), task, lab, fold, s, sid, slide_level0_px, "", objective_power) for sid, lab, fold, s in plan]
+    jobs = [(str(out_dir), task, lab, fold, s, sid, slide_level0_px, objective_power) for sid, lab, fold, s in plan]
     infos: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs), desc=f"synth {task}", unit="slide", disable=not progress)
     with bar:
