@@ -23,6 +23,12 @@ The label lives in high-power detail only:
 Writing streams: level 0 is rendered one strip of tiles at a time; each strip is downsampled 2x into a
 temporary file that feeds the next level, so memory stays bounded by a strip (width x tile rows), never
 a level.
+
+What OpenSlide sees: each level is a tiled JPEG page in the main IFD chain (largest first, reduced levels
+``subfiletype=1``), mpp 0.25 from the resolution tags. Level 0 carries an Aperio-style ImageDescription
+(``AppMag = 40|MPP = 0.25``), so OpenSlide opens the file with its aperio driver (vendor ``aperio``) and
+reports ``openslide.objective-power`` = 40; its generic-tiff driver never reports an objective power
+(``objective_power=None`` / ``--plain-tiff`` writes such a file: vendor ``generic-tiff``, mpp only).
 """
 
 from __future__ import annotations
