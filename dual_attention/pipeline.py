@@ -110,12 +110,18 @@ def _check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarr
     return tiles
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live: inputs are moved there, results come back to the CPU."""
+    return next(model.parameters()).device
+
+
 def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray | None = None
                      ) -> torch.Tensor:
     """The SAM's attention (h, w) over ``thumbnail`` (h, w, 3) uint8, a softmax over the tissue pixels
     when ``tissue_mask`` is given; with the autograd state of the caller."""
-    mask = None if tissue_mask is None else torch.as_tensor(np.asarray(tissue_mask, dtype=bool))[None]
-    return model.soft_attention(images_to_tensor(thumbnail), mask)[0]
+    device = model_device(model)
+    mask = None if tissue_mask is None else torch.as_tensor(np.asarray(tissue_mask, dtype=bool), device=device)[None]
+    return model.soft_attention(images_to_tensor(thumbnail).to(device), mask)[0]
 
 
 def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -154,7 +160,7 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
     gradients), seeded by ``seed``."""
     _check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
     with torch.no_grad():
-        attention = attention_map_of(model, thumbnail, tissue_mask).numpy().astype(np.float64)
+        attention = attention_map_of(model, thumbnail, tissue_mask).cpu().numpy().astype(np.float64)
     sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
     centers = sampled.centers_thumb_rc
     boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, config.tile.tile_level0_px,
@@ -181,10 +187,10 @@ def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProp
     scores: list[TileScore] = []
     with torch.no_grad():
         for start in range(0, n, AGENT_CHUNK_TILES):
-            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES])
+            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES]).to(model_device(model))
             output = model.agent(chunk, deterministic=True)
-            probs = output.class_log_probs[:, -1].exp().numpy()
-            locations = output.locations.numpy()
+            probs = output.class_log_probs[:, -1].exp().cpu().numpy()
+            locations = output.locations.cpu().numpy()
             for j in range(len(chunk)):
                 box = proposal.level0_boxes[start + j]
                 scores.append(TileScore(
@@ -278,6 +284,7 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
             == n_slides) or n_slides == 0:
         raise ValueError("SlideBatch fields must be non-empty lists of the same length")
     tile_px = config.tile.tile_level0_px
+    device = model_device(model)
     sam_logits, sam_labels, attention_maps = [], [], []
     agent_tiles, agent_labels = [], []
     skipped = 0
@@ -286,7 +293,7 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
         _check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
         with torch.set_grad_enabled(train_sam):
             attention = attention_map_of(model, batch.thumbnails[i], batch.tissue_masks[i])
-        sampled = sample_locations(attention.detach().numpy().astype(np.float64), batch.tissue_masks[i].astype(bool),
+        sampled = sample_locations(attention.detach().cpu().numpy().astype(np.float64), batch.tissue_masks[i].astype(bool),
                                    config.sampler, config.soft_attention.attention_mask, rng)
         centers = sampled.centers_thumb_rc
         if len(centers) == 0:
@@ -296,11 +303,12 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
         tiles = _check_tiles(batch.read_tiles[i](boxes), len(boxes), tile_px, what)
         if augment:
             tiles = augment_tiles(tiles, rng)
-        tiles_t = images_to_tensor(tiles)
+        tiles_t = images_to_tensor(tiles).to(device)
         label = int(batch.labels[i])
         if train_sam:
             features = model.tile_features(tiles_t)
-            attention_at_tiles = attention[torch.as_tensor(centers[:, 0]), torch.as_tensor(centers[:, 1])]
+            attention_at_tiles = attention[torch.as_tensor(centers[:, 0], device=device),
+                                           torch.as_tensor(centers[:, 1], device=device)]
             sam_logits.append(model.sam_head(expected_features(attention_at_tiles, features)))
             sam_labels.append(label)
             attention_maps.append(attention)
@@ -311,23 +319,24 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
 
     nan = float("nan")
     terms: dict[str, float] = {}
-    total = torch.zeros(())
+    total = torch.zeros((), device=device)
     if train_sam:
-        l_sa, sam_ce, sam_neg_entropy = losses.sam_loss(torch.stack(sam_logits), torch.as_tensor(sam_labels),
+        sam_labels_t = torch.as_tensor(sam_labels, device=device)
+        l_sa, sam_ce, sam_neg_entropy = losses.sam_loss(torch.stack(sam_logits), sam_labels_t,
                                                         attention_maps, config.loss.beta)
         sam_weight = config.loss.alpha**epoch if phase == "joint" else 1.0
         total = total + sam_weight * l_sa
         terms |= {"l_sa": l_sa.item(), "sam_ce": sam_ce.item(), "sam_neg_entropy": sam_neg_entropy.item(),
                   "sam_weight": sam_weight,
-                  "sam_accuracy": float((torch.stack(sam_logits).argmax(1) == torch.as_tensor(sam_labels))
+                  "sam_accuracy": float((torch.stack(sam_logits).argmax(1) == sam_labels_t)
                                         .float().mean())}
     else:
         terms |= {"l_sa": nan, "sam_ce": nan, "sam_neg_entropy": nan, "sam_weight": 0.0, "sam_accuracy": nan}
     if train_agent:
-        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        generator = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
         output = model.agent(torch.cat(agent_tiles), generator=generator)
         agent = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
-                                    torch.as_tensor(agent_labels), config.agent.glimpse_px / tile_px,
+                                    torch.as_tensor(agent_labels, device=device), config.agent.glimpse_px / tile_px,
                                     config.loss.delta)
         total = total + agent.l_ha
         terms |= {"l_ha": agent.l_ha.item(), "l_theta": agent.l_theta.item(), "reinforce": agent.reinforce.item(),
