@@ -118,6 +118,19 @@ def test_searchers_start_at_the_centre_and_sample_inside_the_space(searcher: str
         assert config.sampler.noise_high > config.sampler.noise_low
 
 
+def test_best_trial_must_beat_the_centre_strictly() -> None:
+    from tune.results import TrialRow, best_row
+
+    def row(trial_id: str, metric: float, is_centre: bool = False) -> TrialRow:
+        return TrialRow(trial_id, "TERMINATED", {}, 2, False, metric, metric, 1, None, is_centre, 1.0)
+
+    tied = [row("a", 0.5), row("centre", 0.5, is_centre=True), row("c", 0.25)]
+    assert best_row(tied, "max").trial_id == "centre"
+    assert best_row(tied, "min").trial_id == "c"
+    assert best_row([row("a", 0.75), row("centre", 0.5, is_centre=True)], "max").trial_id == "a"
+    assert best_row([row("a", float("nan"))], "max") is None
+
+
 def test_unreadable_space_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SearchSpaceError, match="missing.yaml"):
         load_space(tmp_path / "missing.yaml", preset("cpu-small"))

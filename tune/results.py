@@ -97,11 +97,14 @@ def trial_rows(results: Any, space: SearchSpace, metric: str, mode: str, epochs:
 
 
 def best_row(rows: Sequence[TrialRow], mode: str) -> TrialRow | None:
-    """The trial with the best metric at any of its epochs (the checkpoint that gets registered)."""
+    """The trial with the best metric at any of its epochs (the checkpoint that gets registered).
+
+    On a tie the centre wins: a searched config replaces the base config's values only if strictly better."""
     scored = [r for r in rows if not math.isnan(r.metric_best)]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda r: r.metric_best)
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda r: (sign * r.metric_best, r.is_centre))
 
 
 def rows_table(rows: Sequence[TrialRow], metric: str, mlflow_runs: dict[str, str] | None = None) -> pa.Table:
