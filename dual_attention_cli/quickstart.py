@@ -29,10 +29,10 @@ LOCAL_HOST = "127.0.0.1"
 @dataclass
 class QuickstartOptions:
     workdir: Path = Path("runs/quickstart")
-    n_slides: int = 16
+    n_slides: int = 32
     slide_level0_px: int = 4096
-    epochs: int = 4
-    steps_per_epoch: int = 0  # 0: one pass over the training slides
+    epochs: int = 40
+    steps_per_epoch: int = 6  # per worker; 0: one pass over the training slides
     num_workers: int = 2
     port: int = 8000
     seed: int = 0
@@ -132,8 +132,13 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
 
     # Every Ray worker (train workers, Serve replicas) inherits this: one MLflow store for the whole run.
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address=LOCAL_HOST,
-             log_to_driver=False)
+    # Worker output reaches this terminal (rank 0 prints one line per epoch: the training progress);
+    # Ray's own INFO chatter does not. The dashboard is for you to watch, and Ray Train's placement-group
+    # cleaner needs it (without it, it warns every second).
+    context = ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host=LOCAL_HOST,
+                       dashboard_port=free_port(8265), _node_ip_address=LOCAL_HOST,
+                       logging_config=ray.LoggingConfig(log_level="WARNING"))
+    print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     try:
         with _step(steps, "train", f"Ray Train, {options.num_workers} workers, joint loss, "
                                    f"{options.epochs} epochs (preprocessing first)") as detail:
@@ -153,7 +158,8 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
         with _step(steps, "serve", f"Ray Serve on http://{LOCAL_HOST}:{port}") as detail:
             serve.start(http_options={"host": LOCAL_HOST, "port": port})
             app = build_app({"model": model_uri, "slide_root": str(manifest.parent), "tracking_uri": tracking_uri})
-            serve.run(app, name="dual-attention", route_prefix="/")
+            serve.run(app, name="dual-attention", route_prefix="/",
+                      logging_config={"log_level": "WARNING", "enable_access_log": False})
             health = httpx.get(f"http://{LOCAL_HOST}:{port}/v1/healthz", timeout=60)
             if health.status_code != 200:
                 raise RuntimeError(f"the scoring service is not healthy ({health.status_code}): {health.text}")

@@ -547,7 +547,7 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path,
 
     ``callbacks`` go to the trainer's ``RunConfig`` (the tuning job passes Tune's ``TuneReportCallback``
     there, so that every epoch's report reaches Tune)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     val_ids = [s.slide_id for s in cohort.slides if s.fold == val_fold]
@@ -573,6 +573,9 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's overlays reach MLflow
             callbacks=list(callbacks) or None,
+            # Ray Train's own INFO lines (every report, every checkpoint) drown the one line per epoch that
+            # rank 0 prints; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit()
