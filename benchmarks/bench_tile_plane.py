@@ -7,8 +7,8 @@ run; and the memory of the pool while streaming 10,000 tiles.
 The slide (synthetic, 32768² level 0 = 1.07 gigapixels, 40x JPEG pyramid) is written once into
 ``--slide-dir`` (outside git) by ``dual_attention.synthetic.write_synthetic_slide`` and reused.
 
-Throughput: every configuration reads the same seeded random 256² level-0 boxes; the raw loop runs
-before and after the pool runs (the mean is the reference, the spread shows drift from other load).
+Throughput: every configuration reads the same seeded random 256² level-0 boxes; a raw run comes before and
+after every pool run, and each pool row is compared with the mean of those two (drift from other load).
 ``ratio = pool rate / (cores x raw rate)``; ``efficiency = pool rate / (min(actors, cores) x raw rate)``.
 CPU seconds of the driver and all its descendants (actors, raylet, GCS) per tile are measured too: on a
 shared machine wall-clock ratios drift with other load, CPU time per tile much less.
@@ -228,30 +228,32 @@ def memory_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_
 
 
 def throughput(args: argparse.Namespace, slide_path: Path, boxes: list[Level0Box]) -> None:
-    raw_before = raw_run(slide_path, boxes)
-    print(f"raw single process: {raw_before.rate:.0f} tiles/s", flush=True)
-    rows: list[tuple[int, int, Run]] = []
+    """Raw runs interleave with the pool runs; each pool row is compared with the raw runs just before and
+    just after it, so drifting load from other processes affects both sides alike."""
     configs = [(2, b) for b in args.batch_sizes]
     configs += [(a, args.batch_size) for a in args.actors if (a, args.batch_size) not in configs]
+    raws = [raw_run(slide_path, boxes)]
+    print(f"raw single process: {raws[-1].rate:.0f} tiles/s", flush=True)
+    rows: list[tuple[int, int, Run, float, float]] = []
     for num_actors, batch_size in configs:
         run = pool_run(slide_path, boxes, num_actors, batch_size)
-        rows.append((num_actors, batch_size, run))
-        print(f"pool {num_actors} actors, batch {batch_size}: {run.rate:.0f} tiles/s, "
-              f"{run.cpu_ms_per_tile:.2f} CPU ms/tile", flush=True)
-    raw_after = raw_run(slide_path, boxes)
-    print(f"raw single process (again): {raw_after.rate:.0f} tiles/s", flush=True)
-    raw = statistics.mean([raw_before.rate, raw_after.rate])
-    raw_cpu_ms = statistics.mean([raw_before.cpu_ms_per_tile, raw_after.cpu_ms_per_tile])
+        raws.append(raw_run(slide_path, boxes))
+        raw = statistics.mean([raws[-2].rate, raws[-1].rate])
+        raw_cpu_ms = statistics.mean([raws[-2].cpu_ms_per_tile, raws[-1].cpu_ms_per_tile])
+        rows.append((num_actors, batch_size, run, raw, raw_cpu_ms))
+        print(f"pool {num_actors} actors, batch {batch_size}: {run.rate:.0f} tiles/s, {run.cpu_ms_per_tile:.2f} "
+              f"CPU ms/tile; raw after it: {raws[-1].rate:.0f} tiles/s", flush=True)
     print()
-    print(f"Raw single-process loop: {raw_before.rate:.0f} tiles/s before the pool runs, {raw_after.rate:.0f} after "
-          f"(mean {raw:.0f}); {raw_cpu_ms:.2f} CPU ms per tile. Load average now {os.getloadavg()}.")
+    print(f"Raw single-process runs: {', '.join(f'{r.rate:.0f}' for r in raws)} tiles/s "
+          f"({statistics.mean(r.cpu_ms_per_tile for r in raws):.2f} CPU ms per tile). "
+          f"Load average now {os.getloadavg()}.")
     print()
-    print("| actors | batch size | pool tiles/s | pool ÷ (cores × raw) | pool ÷ (min(actors, cores) × raw) "
-          "| CPU ms per tile, all processes | raw CPU ms ÷ pool CPU ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for num_actors, batch_size, run in sorted(rows, key=lambda r: (r[0], r[1])):
+    print("| actors | batch size | pool tiles/s | raw tiles/s (runs before + after) | pool ÷ (cores × raw) "
+          "| pool ÷ (min(actors, cores) × raw) | CPU ms per tile, all processes | raw CPU ms ÷ pool CPU ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for num_actors, batch_size, run, raw, raw_cpu_ms in sorted(rows, key=lambda r: (r[0], r[1])):
         efficiency = run.rate / (min(num_actors, args.cores) * raw)
-        print(f"| {num_actors} | {batch_size} | {run.rate:.0f} | {run.rate / (args.cores * raw):.2f} | "
+        print(f"| {num_actors} | {batch_size} | {run.rate:.0f} | {raw:.0f} | {run.rate / (args.cores * raw):.2f} | "
               f"{efficiency:.2f} | {run.cpu_ms_per_tile:.2f} | {raw_cpu_ms / run.cpu_ms_per_tile:.2f} |")
     print()
 
@@ -278,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=32768, help="level-0 side of the synthetic slide")
     parser.add_argument("--tile-px", type=int, default=256)
     parser.add_argument("--n-tiles", type=int, default=2000, help="tiles per throughput configuration")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 128])
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size for the actor sweep and memory run")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size for the actor sweep and memory run")
     parser.add_argument("--memory-tiles", type=int, default=10000)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)

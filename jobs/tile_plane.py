@@ -37,7 +37,7 @@ from dual_attention.slides import Level0Box, SlideError, SlideHandleCache
 
 ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]  # same contract as dual_attention.pipeline.ReadTiles
 
-DEFAULT_BATCH_SIZE = 16  # requests per actor call; amortises Ray's per-call overhead (see benchmarks)
+DEFAULT_BATCH_SIZE = 64  # requests per actor call: amortises Ray's per-call overhead (benchmarks/RESULTS.md)
 DEFAULT_MAX_BATCH_BYTES = 64 * 2**20  # also cut batches by output size: ten 2048² tiles are 120 MiB
 DEFAULT_ACTOR_NUM_CPUS = 0.5  # logical CPUs per reader; reads are I/O + JPEG decode, one core at most
 
