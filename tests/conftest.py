@@ -39,3 +39,15 @@ def ray_cluster() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread in the test process: on 2 cores shared with Ray workers, torch's second
+    thread spin-waits and a ResNet18 step runs 10-20x slower (measured); restored at the end."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from eval_cohort import write_tiny_her2_cohort
 
 from dual_attention.checkpoint import save_checkpoint
@@ -19,16 +17,6 @@ from dual_attention.pipeline import propose_tiles
 from dual_attention.sampling import random_locations
 from dual_attention.slides import thumb_to_level0_box
 from jobs.baselines import load_sliding_window_model, main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 cores shared with other jobs, torch's second thread spin-waits and a
-    ResNet18 step runs 10-20x slower (measured); restored afterwards for the other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from eval_cohort import write_tiny_her2_cohort
 
 from dual_attention.checkpoint import save_checkpoint
@@ -17,17 +15,6 @@ from dual_attention.config import preset
 from dual_attention.manifest import ManifestError
 from dual_attention.models import DualAttentionModel
 from jobs.evaluate import compute_metrics, main, select_rows
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 cores shared with other jobs, torch's second thread spin-waits and a
-    ResNet18 step runs 10-20x slower (measured); restored afterwards for the other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # The HER2 contest table, typed here independently of dual_attention.metrics for the hand check.
 CONTEST_POINTS = {(0, 0): 15, (0, 1): 15, (0, 2): 10, (0, 3): 0, (1, 0): 15, (1, 1): 15, (1, 2): 10, (1, 3): 0,

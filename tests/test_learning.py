@@ -9,11 +9,7 @@ benchmarks/bench_learning.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
-import torch
 
 from dual_attention.toy_tasks import (
     LABEL_REGION_PX,
@@ -21,14 +17,6 @@ from dual_attention.toy_tasks import (
     train_agent_on_region_task,
     train_sam_on_toy_slides,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def location_histogram(locations_xy: np.ndarray, bins: int = 4) -> np.ndarray:

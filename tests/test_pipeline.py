@@ -4,7 +4,6 @@ steps in both modes, and checkpoints."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,6 @@ from dual_attention.pipeline import (
 from dual_attention.slides import Level0Box, open_slide, tissue_mask
 
 DOWNSAMPLE = 32
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Several processes share 2 cores; two spinning torch threads each slow everything down.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class ArraySlide:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -21,17 +19,6 @@ from dual_attention.sliding_window import (
     top_k_aggregate,
     train_patch_classifier,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on 2 cores shared with other jobs, torch's second thread spin-waits and a
-    ResNet18 step runs 10-20x slower (measured); restored afterwards for the other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 WHITE, HAEMATOXYLIN, DAB_BROWN, FAINT_BROWN = (242, 242, 242), (90, 90, 190), (150, 100, 50), (210, 180, 150)
 
