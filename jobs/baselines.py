@@ -52,6 +52,7 @@ from jobs.evaluate import (
     EvaluationReport,
     RaySession,
     evaluate_manifest,
+    fold_list,
     metrics_from_predictions,
     print_report,
     select_rows,
@@ -253,13 +254,6 @@ def run_sliding_window(manifest_path: str | Path, out_dir: str | Path, train_fol
 # -- command line ------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.baselines", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="baseline", required=True)
@@ -268,7 +262,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     random_parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or a checkpoint path")
     random_parser.add_argument("--manifest", required=True)
     random_parser.add_argument("--out", required=True)
-    random_parser.add_argument("--folds", type=_int_list, default=None)
+    random_parser.add_argument("--folds", type=fold_list, default=None)
     random_parser.add_argument("--seed", type=int, default=0)
     random_parser.add_argument("--num-readers", type=int, default=2)
     random_parser.add_argument("--overlays", type=int, default=4)
@@ -279,8 +273,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     window = sub.add_parser("sliding-window", help="ResNet18 over every stained-tissue patch, top-15 aggregation")
     window.add_argument("--manifest", required=True)
     window.add_argument("--out", required=True)
-    window.add_argument("--train-folds", type=_int_list, default=None, help="folds to train on")
-    window.add_argument("--test-folds", type=_int_list, default=None, help="folds to evaluate on")
+    window.add_argument("--train-folds", type=fold_list, default=None, help="folds to train on")
+    window.add_argument("--test-folds", type=fold_list, default=None, help="folds to evaluate on")
     window.add_argument("--model-path", default=None, help=f"a trained {SLIDING_WINDOW_MODEL_FILE} (skips training)")
     window.add_argument("--preset", choices=("cpu-small", "paper"), default="cpu-small")
     for name, kind in (("patch-px", int), ("magnification", float), ("top-k", int), ("epochs", int),

@@ -382,13 +382,14 @@ def evaluate_manifest(
 # -- command line ------------------------------------------------------------------------------------------------
 
 
-def _folds(text: str | None) -> list[int] | None:
+def fold_list(text: str | None) -> list[int] | None:
+    """``--folds 0,1`` -> [0, 1]; empty -> None (all folds)."""
     if not text:
         return None
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--folds must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"folds must be comma-separated integers, got {text!r}") from None
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -397,7 +398,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
     parser.add_argument("--manifest", required=True, help="cohort manifest.parquet")
     parser.add_argument("--out", required=True, help="output folder (Parquet tables, metrics.json, overlays/)")
-    parser.add_argument("--folds", type=_folds, default=None, help="only these folds, e.g. 0 or 0,1 (default: all)")
+    parser.add_argument("--folds", type=fold_list, default=None, help="only these folds, e.g. 0 or 0,1 (default: all)")
     parser.add_argument("--sampler", choices=("attention", "random"), default="attention",
                         help="tile sampler: the SAM's (default) or the random Gumbel baseline")
     parser.add_argument("--seed", type=int, default=0)
