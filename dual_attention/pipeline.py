@@ -111,8 +111,13 @@ def _check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarr
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters live: inputs are moved there, results come back to the CPU."""
-    return next(model.parameters()).device
+    """Where the model's parameters live: inputs are moved there, results come back to the CPU. Serve's
+    stand-ins hold only an ``agent``; a stand-in whose networks move tensors themselves counts as the CPU."""
+    for candidate in (model, getattr(model, "agent", None)):
+        parameters = getattr(candidate, "parameters", None)
+        if callable(parameters):
+            return next(parameters()).device
+    return torch.device("cpu")
 
 
 def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray | None = None

@@ -44,12 +44,27 @@ def default_model_name(task: str) -> str:
 # -- where runs are stored ---------------------------------------------------------------------------------
 
 
+# mlflow.set_tracking_uri also exports the URI as $MLFLOW_TRACKING_URI, so after one run in a process the
+# variable would look like the user's choice to the next run. Remember what we exported and what it hid.
+_exported_uri: str | None = None
+_user_uri_before_export: str | None = None
+
+
+def _user_tracking_env() -> str | None:
+    """``$MLFLOW_TRACKING_URI`` as the user (or the Ray job's environment) set it, not as we exported it."""
+    current = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if current is not None and current == _exported_uri:
+        return _user_uri_before_export
+    return current
+
+
 def resolve_tracking_uri(run_dir: str | Path | None = None, uri: str | None = None) -> str:
     """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``run_dir``."""
     if uri:
         return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    user_env = _user_tracking_env()
+    if user_env:
+        return user_env
     if run_dir is None:
         raise ValueError("no MLflow tracking URI: pass --mlflow-uri, set MLFLOW_TRACKING_URI, or give a run folder")
     return sqlite_uri(Path(run_dir) / "mlflow.db")
@@ -72,9 +87,11 @@ def setup_mlflow(run_dir: str | Path | None = None, uri: str | None = None,
     first one's)."""
     import mlflow
 
+    global _exported_uri, _user_uri_before_export
     tracking_uri = resolve_tracking_uri(run_dir, uri)
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    _user_uri_before_export, _exported_uri = _user_tracking_env(), tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     found = mlflow.get_experiment_by_name(experiment)

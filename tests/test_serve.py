@@ -64,13 +64,20 @@ def _register(tracking_uri: str, checkpoint: Path, name: str = "her2-serve-test"
     import mlflow
 
     previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         mlflow.set_experiment("serve-test")
         with mlflow.start_run():
             return register_model(checkpoint, CLASS_NAMES["her2"], name, alias="champion")
     finally:
+        # set_tracking_uri also exports $MLFLOW_TRACKING_URI: put the variable back too, or later tests
+        # in this process would take this test's store for the user's choice.
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _write_blank_slide(path: Path) -> None:
