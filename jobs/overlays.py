@@ -75,7 +75,11 @@ def overlay_figure(
     if has_attention:
         axes[1].imshow(thumbnail_rgb, alpha=0.35)
         heat = axes[1].imshow(np.asarray(attention_map, dtype=np.float64), cmap="magma", alpha=0.75)
-        figure.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02)
+        colorbar = figure.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02)
+        # A near-uniform map would otherwise be labelled as "offset + tiny deltas", which nobody can read.
+        colorbar.formatter.set_useOffset(False)
+        colorbar.formatter.set_powerlimits((-3, 3))
+        colorbar.update_ticks()
         axes[1].set_title("soft attention", fontsize=9)
 
     for i, box in enumerate(level0_boxes):
