@@ -46,9 +46,10 @@ import torch  # noqa: E402
 from dual_attention.checkpoint import save_checkpoint  # noqa: E402
 from dual_attention.config import DualAttentionConfig, preset  # noqa: E402
 from dual_attention.models import DualAttentionModel  # noqa: E402
-from dual_attention.pipeline import ScoringError, SlideBatch, training_step  # noqa: E402
+from dual_attention.pipeline import ScoringError  # noqa: E402
 from dual_attention.slides import SlideHandleCache, tissue_mask  # noqa: E402
 from dual_attention.sliding_window import cpu_small_config, score_slide_sliding_window  # noqa: E402
+from dual_attention.training import SlideBatch, build_optimizer, class_balanced_batches, training_step  # noqa: E402
 from jobs.baselines import (  # noqa: E402
     SLIDING_WINDOW_MODEL_FILE,
     evaluate_sliding_window,
@@ -59,7 +60,6 @@ from jobs.baselines import (  # noqa: E402
     train_sliding_window,
 )
 from jobs.evaluate import RaySession, evaluate_rows, load_slide_input, select_rows  # noqa: E402
-from jobs.train import build_optimizer, class_balanced_batches  # noqa: E402
 
 METHODS = ("dual-attention", "random-sampling", "sliding-window")
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from dual_attention.config import preset  # noqa: E402
 from dual_attention.models import DualAttentionModel  # noqa: E402
-from dual_attention.pipeline import SlideBatch, attention_map_of, training_step  # noqa: E402
+from dual_attention.pipeline import attention_map_of  # noqa: E402
 from dual_attention.toy_tasks import (  # noqa: E402
     AGENT_TILE_PX,
     LABEL_REGION_PX,
@@ -43,6 +43,7 @@ from dual_attention.toy_tasks import (  # noqa: E402
     train_agent_on_region_task,
     train_sam_on_toy_slides,
 )
+from dual_attention.training import SlideBatch, training_step  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 GLASS_GREY = 238  # synthetic cohort thumbnails: glass reads ~242 grey, tissue darker

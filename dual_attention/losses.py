@@ -1,7 +1,10 @@
 """The dual attention model's losses.
 
-- L_SA = CE(SAM head over the expected tile features, label) + β·Σ a log a  (β > 0 raises entropy,
-  as ATS's ``multinomial_entropy`` regulariser).
+- L_SA = signal + β·Σ a log a  (β > 0 raises entropy, as ATS's ``multinomial_entropy`` regulariser).
+  The signal is REINFORCE through the tiles drawn from the attention, −Σ_tiles (r − b)·log a(tile) with
+  r the agent's probability of the label on the tile and b the slide's mean r
+  (``attention_reinforce_loss``), or the paper's CE(SAM head over the expected tile features, label)
+  (``sam_loss``).
 - L_θ = REINFORCE with baseline + classification NLL + baseline MSE. Rewards r_t = 1 when step t's
   prediction is right; location l_t decides glimpse t and so every prediction from t on, so its return is
   the reward-to-go G_t = Σ_{t'≥t} r_{t'}; the baseline regresses G_t and the advantage G_t − b_t is
@@ -34,6 +37,19 @@ def sam_loss(logits: torch.Tensor, labels: torch.Tensor, attention_maps: list[to
     ce = F.cross_entropy(logits, labels)
     neg_entropy = torch.stack([entropy_term(a) for a in attention_maps]).mean()
     return ce + beta * neg_entropy, ce, neg_entropy
+
+
+def attention_reinforce_loss(attention_at_tiles: list[torch.Tensor], rewards: list[torch.Tensor] | tuple[torch.Tensor, ...]
+                             ) -> torch.Tensor:
+    """−Σ_i (r_i − mean r)·log a_i over each slide's drawn tiles, averaged over slides. ``attention_at_tiles``:
+    per slide the attention (with gradient) at its tiles; ``rewards``: per slide the tiles' rewards. The
+    per-slide mean is the baseline: what is rewarded is a tile being better evidence than the slide's
+    other tiles, so a slide whose tiles are all alike teaches nothing (and adds no variance)."""
+    terms = []
+    for attention, reward in zip(attention_at_tiles, rewards, strict=True):
+        advantage = (reward - reward.mean()).detach()
+        terms.append(-(advantage * torch.log(attention.clamp_min(1e-30))).sum())
+    return torch.stack(terms).mean()
 
 
 @dataclass

@@ -15,6 +15,7 @@ paper; a correction is one edit of ``HER2_AGREEMENT_POINTS`` or of the two funct
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score
@@ -142,3 +143,56 @@ def combine_fold_probabilities(fold_probabilities: Sequence[np.ndarray]) -> tupl
     mean = stacked.mean(axis=0)
     predicted = int(np.argmax(mean))
     return predicted, float(mean[predicted]), mean
+
+
+# -- is the model learning? (attention and glimpse diagnostics) ------------------------------------------------
+
+
+def attention_entropy_normalised(attention_map: np.ndarray, tissue_mask: np.ndarray) -> float:
+    """Entropy of the attention over tissue ÷ log(number of tissue pixels): 1.0 for a flat map, towards 0
+    as the mass concentrates. NaN without at least two tissue pixels."""
+    tissue = np.asarray(tissue_mask, dtype=bool)
+    values = np.asarray(attention_map, dtype=np.float64)[tissue]
+    if values.size < 2 or not values.sum() > 0:
+        return float("nan")
+    p = values / values.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(values.size))
+
+
+def attention_on_tumour_ratio(attention_map: np.ndarray, tissue_mask: np.ndarray, tumour_mask: np.ndarray) -> float:
+    """Attention mass on tumour ÷ tumour's share of the tissue: 1.0 for attention that ignores tumour,
+    1 / share when all the mass is on tumour. NaN when the slide's tissue holds no tumour (or is all tumour)."""
+    tissue = np.asarray(tissue_mask, dtype=bool)
+    tumour = np.asarray(tumour_mask, dtype=bool) & tissue
+    values = np.asarray(attention_map, dtype=np.float64)
+    share = tumour.sum() / max(int(tissue.sum()), 1)
+    total = values[tissue].sum()
+    if not 0 < share < 1 or not total > 0:
+        return float("nan")
+    return float(values[tumour].sum() / total / share)
+
+
+def tumour_fraction_of_boxes(level0_boxes: Sequence[Any], tumour_mask: np.ndarray, downsample: int) -> list[float]:
+    """For each level-0 box (``x0, y0, width, height``), the fraction of it that the tumour mask (at
+    1/``downsample`` of level 0) covers."""
+    mask = np.asarray(tumour_mask, dtype=bool)
+    fractions = []
+    for box in level0_boxes:
+        r0, c0 = int(box.y0 // downsample), int(box.x0 // downsample)
+        r1 = max(r0 + 1, int(np.ceil((box.y0 + box.height) / downsample)))
+        c1 = max(c0 + 1, int(np.ceil((box.x0 + box.width) / downsample)))
+        window = mask[max(r0, 0):r1, max(c0, 0):c1]
+        fractions.append(float(window.mean()) if window.size else 0.0)
+    return fractions
+
+
+def glimpse_spread(locations: np.ndarray) -> float:
+    """How much the glimpse trails differ between tiles: the std over tiles of each glimpse's (x, y) in
+    [-1, 1]² (mean of x and y), averaged over glimpses 2..T (the first may be drawn at random). 0 means
+    every tile got the same path (a collapsed policy). ``locations``: (tiles, T, 2)."""
+    trails = np.asarray(locations, dtype=np.float64)
+    if trails.ndim != 3 or trails.shape[0] < 2:
+        return float("nan")
+    later = trails[:, 1:] if trails.shape[1] > 1 else trails
+    return float(later.std(axis=0).mean())

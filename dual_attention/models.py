@@ -2,6 +2,8 @@
 
 Soft attention (low power, whole thumbnail):
 
+Every network starts with ``Standardise`` (pixels centred and scaled, fixed constants).
+
 - ``SoftAttentionNet``: a CNN over the thumbnail giving a softmax distribution over its pixels. Convs use
   'same' padding and the max-pool has stride 1, so the attention map keeps the thumbnail's resolution.
 - ``TileFeatureNet`` (f_f): a small residual network over one sampled tile, resized to
@@ -19,8 +21,16 @@ Hard attention (high power, one tile at a time; after kevinzakka/recurrent-visua
 - ``ContextNetwork``: a CNN over the tile downscaled to ``context_px`` in which the finest-scale area of
   every visited glimpse is blacked out (inhibition of return).
 - ``LocationNetwork``: mean = (1 - glimpse/tile)·tanh(Linear(h_top ⊙ context)), so the finest glimpse
-  stays inside the tile; a Gaussian with fixed std. The sampled location is detached: the policy is
-  trained by REINFORCE (log-probability) only.
+  stays inside the tile; a Gaussian whose std the training loop anneals (``std`` is an attribute). The
+  sampled location is detached: the policy is trained by REINFORCE (log-probability) only.
+- ``agent.relative_moves``: each later glimpse is a move from the previous one (a saccade), not an
+  absolute position. On tiles where every place carries the same evidence the reward does not depend
+  on where the agent looks, and absolute means drifted to one place for every tile (the trails
+  collapsed, measured); moves from a random start keep the trails apart while the policy still chooses
+  the direction and length of each move.
+- The first glimpse is drawn uniformly over the tile (the paper's random first glimpse,
+  ``agent.first_glimpse="random"``): it is no policy action (log-probability 0), and it spreads the
+  episodes over the tile so that the policy cannot collapse onto one path for every tile.
 - ``ClassifierNetwork``, ``BaselineNetwork``: per-step class log-probabilities and the REINFORCE baseline.
 
 Location convention: (x, y) in [-1, 1]^2 as in ``torch.nn.functional.affine_grid`` with
@@ -53,6 +63,16 @@ def images_to_tensor(images_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).float().div(255.0).contiguous()
 
 
+class Standardise(nn.Module):
+    """Pixels in [0, 1] -> (x - 0.5) / 0.25, the first step of every network here. Slide pixels sit in
+    0.5-0.95 (bright glass and pale stain): fed raw, convolutions with small initial weights see an almost
+    constant positive input and the agent took ~600 updates to read tumour tiles that it reads in ~200
+    once centred (measured, benchmarks/RESULTS.md). Fixed constants, no statistics: nothing to fit or store."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - 0.5) * 4.0
+
+
 # -- soft attention ----------------------------------------------------------------------------------------
 
 
@@ -66,7 +86,7 @@ class SoftAttentionNet(nn.Module):
 
     def __init__(self, conv_layers: int, base_channels: int, pool_size: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [Standardise()]
         in_channels = 3
         for i in range(conv_layers):
             out_channels = base_channels * 2**i
@@ -75,9 +95,9 @@ class SoftAttentionNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool_size = pool_size
         self.to_logit = nn.Conv2d(in_channels, 1, 1)
-        # Start uniform: the sampler then explores all tissue (its mask falls back to the tissue mask for a
-        # constant map) until the attention has learnt where the informative tiles are.
-        nn.init.zeros_(self.to_logit.weight)
+        # Start near-uniform, so that the first tiles are drawn from all tissue, but not exactly: with zero
+        # weights the convolutions below get no gradient until the head has moved (a degenerate start).
+        nn.init.normal_(self.to_logit.weight, std=1e-2)
         nn.init.zeros_(self.to_logit.bias)
 
     def logits(self, thumbnail: torch.Tensor) -> torch.Tensor:
@@ -120,6 +140,7 @@ class TileFeatureNet(nn.Module):
         super().__init__()
         self.input_px = input_px
         self.out_features = channels
+        self.standardise = Standardise()
         self.stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
         if layers < 3:
             raise ValueError(f"tile.feature_layers must be >= 3 (stem + one residual block), got {layers}")
@@ -130,7 +151,7 @@ class TileFeatureNet(nn.Module):
         if tiles.shape[-1] != self.input_px or tiles.shape[-2] != self.input_px:
             tiles = F.interpolate(tiles, size=(self.input_px, self.input_px), mode="bilinear",
                                   antialias=True, align_corners=False)
-        x = F.relu(self.stem(tiles))
+        x = F.relu(self.stem(self.standardise(tiles)))
         for i, block in enumerate(self.blocks):
             if i > 0 and min(x.shape[-2:]) >= 4:
                 x = F.max_pool2d(x, 2)
@@ -198,12 +219,13 @@ class GlimpseNetwork(nn.Module):
     def __init__(self, glimpse_px: int, scales: int, out_features: int) -> None:
         super().__init__()
         self.sensor = GlimpseSensor(glimpse_px, scales)
+        self.standardise = Standardise()
         self.cnn = _small_cnn(3 * scales, (16, 32, 64))
         self.what = nn.Linear(64 * 16, out_features)
         self.where = nn.Linear(2, out_features)
 
     def forward(self, tiles: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
-        glimpses = self.sensor(tiles, location)
+        glimpses = self.standardise(self.sensor(tiles, location))  # padding outside the tile -> -2
         return F.relu(self.what(self.cnn(glimpses))) * self.where(location)
 
 
@@ -213,6 +235,7 @@ class ContextNetwork(nn.Module):
     def __init__(self, context_px: int, out_features: int) -> None:
         super().__init__()
         self.context_px = context_px
+        self.standardise = Standardise()
         self.cnn = _small_cnn(3, (16, 32, 32))
         self.fc = nn.Linear(32 * 16, out_features)
 
@@ -221,7 +244,7 @@ class ContextNetwork(nn.Module):
                              antialias=True, align_corners=False)
 
     def forward(self, context_image: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.fc(self.cnn(context_image)))
+        return F.relu(self.fc(self.cnn(self.standardise(context_image))))  # visited areas (0) -> -2
 
 
 def inhibition_of_return(context_image: torch.Tensor, visited: list[torch.Tensor], box_fraction: float) -> torch.Tensor:
@@ -262,11 +285,17 @@ class LocationNetwork(nn.Module):
         self.std = std
 
     def forward(
-        self, features: torch.Tensor, generator: torch.Generator | None, deterministic: bool, limit: float = 1.0
+        self, features: torch.Tensor, generator: torch.Generator | None, deterministic: bool, limit: float = 1.0,
+        previous: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (mean, location, log_prob). ``location`` is detached: no gradient flows through the
-        sample, only through ``log_prob`` (REINFORCE) and ``mean`` (the glimpse-overlap loss)."""
-        mean = limit * torch.tanh(self.fc(features))
+        sample, only through ``log_prob`` (REINFORCE) and ``mean`` (the glimpse-overlap loss). With
+        ``previous`` (B, 2) the output is a move from there, taken before the tanh so the mean stays inside
+        ±limit: mean = limit·tanh(atanh(previous/limit) + Linear(features))."""
+        shift = self.fc(features)
+        if previous is not None:
+            shift = shift + torch.atanh((previous.detach() / limit).clamp(-0.999, 0.999))
+        mean = limit * torch.tanh(shift)
         if deterministic:
             sample = mean.detach()
         else:
@@ -315,6 +344,9 @@ class HardAttentionAgent(nn.Module):
         agent = config.agent
         self.n_glimpses = agent.n_glimpses
         self.glimpse_px = agent.glimpse_px
+        self.random_first_glimpse = agent.first_glimpse == "random"
+        self.relative_moves = agent.relative_moves
+        self.tile_px = config.tile.tile_level0_px
         glimpse_features = 2 * agent.glimpse_hidden
         top_size = agent.hidden_size // 2
         self.glimpse = GlimpseNetwork(agent.glimpse_px, agent.glimpse_scales, glimpse_features)
@@ -324,14 +356,28 @@ class HardAttentionAgent(nn.Module):
         self.classifier = ClassifierNetwork(agent.hidden_size, config.num_classes)
         self.baseline = BaselineNetwork(agent.hidden_size)
 
+    def first_glimpse_limit(self, tile_px: int) -> float:
+        """Glimpse centres within ±limit keep the finest glimpse inside a tile of ``tile_px``."""
+        return 1.0 - self.glimpse_px / tile_px
+
+    def random_first_locations(self, n_tiles: int, generator: torch.Generator, tile_px: int | None = None
+                               ) -> torch.Tensor:
+        """(n_tiles, 2) first-glimpse centres uniform over the tile, in [-1, 1]^2 (``tile_px`` defaults to
+        the size the agent was configured for)."""
+        limit = self.first_glimpse_limit(tile_px or self.tile_px)
+        return (2.0 * torch.rand((n_tiles, 2), generator=generator) - 1.0) * limit
+
     def forward(
-        self, tiles: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+        self, tiles: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False,
+        first_locations: torch.Tensor | None = None,
     ) -> AgentOutput:
         """``tiles``: (B, 3, S, S) float in [0, 1] at level-0 resolution. ``deterministic`` uses the
-        policy means as locations (evaluation); otherwise locations are drawn with ``generator``."""
+        policy means as locations (evaluation); otherwise locations are drawn with ``generator``. With a
+        random first glimpse its location is ``first_locations`` (B, 2) when given, else drawn with
+        ``generator`` (the tile centre when that is None too)."""
         batch, _, tile_px, _ = tiles.shape
         box_fraction = self.glimpse_px / tile_px  # the finest glimpse's side as a fraction of the tile
-        limit = 1.0 - box_fraction  # glimpse centres that keep the finest glimpse inside the tile
+        limit = self.first_glimpse_limit(tile_px)
         small_tile = self.context.downscale(tiles)
         top_size = self.core.top.hidden_size
         zeros_bottom = tiles.new_zeros(batch, self.core.bottom.hidden_size)
@@ -339,11 +385,22 @@ class HardAttentionAgent(nn.Module):
         h_top, c_top = None, tiles.new_zeros(batch, top_size)
         visited: list[torch.Tensor] = []
         log_probs, log_pis, baselines, locations, means = [], [], [], [], []
-        for _ in range(self.n_glimpses):
+        for step in range(self.n_glimpses):
             context = self.context(inhibition_of_return(small_tile, visited, box_fraction))
             if h_top is None:
                 h_top = context  # DRAM: the context starts the top (location) layer
-            mean, location, log_pi = self.location(h_top * context, generator, deterministic, limit)
+            if step == 0 and self.random_first_glimpse:
+                if first_locations is not None:
+                    location = first_locations.to(tiles.dtype)
+                elif generator is not None:
+                    uniform = torch.rand((batch, 2), generator=generator, dtype=tiles.dtype, device=tiles.device)
+                    location = (2.0 * uniform - 1.0) * limit
+                else:
+                    location = tiles.new_zeros(batch, 2)
+                mean, log_pi = location, tiles.new_zeros(batch)  # no policy action: nothing to reinforce
+            else:
+                previous = visited[-1] if visited and self.relative_moves else None
+                mean, location, log_pi = self.location(h_top * context, generator, deterministic, limit, previous)
             v = self.glimpse(tiles, location)
             h_bottom, c_bottom = self.core.bottom(v, (h_bottom, c_bottom))
             log_probs.append(self.classifier(h_bottom))

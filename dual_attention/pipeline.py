@@ -9,28 +9,25 @@ Stages:
 - ``propose_tiles``: thumbnail -> attention map -> N level-0 boxes (``sampler="attention"``, the paper's
   sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``.
 - ``score_tiles``: tiles -> the agent's per-tile class probabilities and glimpse trails. Evaluation uses
-  the policy **means** as glimpse locations, so a tile's score does not depend on the seed; the seed only
-  drives the sampler's noise in ``propose_tiles``. ``score_slide`` is therefore deterministic per seed.
+  the policy **means** as glimpse locations; the random first glimpse (``agent.first_glimpse``) is drawn
+  from a generator seeded by ``seed`` and the tile's index, as the sampler's noise in ``propose_tiles``
+  is. ``score_slide`` is therefore deterministic per seed.
 - ``aggregate``: tile scores -> slide score (HER2: dominant tile class; MMR: mean probability);
   ``combine_folds`` averages fold models' slide probabilities.
-- ``training_step``: one batch of slides -> L_J (or the separate-mode part) and its terms.
 
-Separate mode (``config.train.mode == "separate"``): epochs ``[0, ceil(E/2))`` train the SAM alone with
-L_SA (the agent is not run); later epochs train the agent alone with L_HA on tiles from the frozen SAM.
+Training (``dual_attention.training``) uses the same networks, sampler and tile readers.
 """
 
 from __future__ import annotations
 
-import math
+import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dual_attention import losses
 from dual_attention.config import CLASS_NAMES, DualAttentionConfig
-from dual_attention.expectation import expected_features
 from dual_attention.metrics import aggregate_tile_probabilities, combine_fold_probabilities
 from dual_attention.models import DualAttentionModel, images_to_tensor
 from dual_attention.sampling import (
@@ -81,27 +78,23 @@ class SlideScore:
     fraction_level0_read: float
 
 
-@dataclass
-class SlideBatch:
-    thumbnails: list[np.ndarray]
-    tissue_masks: list[np.ndarray]
-    labels: list[int]
-    level0_dims: list[tuple[int, int]]
-    read_tiles: list[ReadTiles]
-    slide_ids: list[str] = field(default_factory=list)  # optional, named in error messages
+def slide_seed(seed: int, slide_id: str) -> int:
+    """A per-slide seed that does not depend on the order of the manifest (validation, evaluation,
+    baselines and serving's default all use it)."""
+    return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**31 - 1)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
 
 
-def _check_thumbnail(thumbnail: np.ndarray, tissue_mask: np.ndarray, what: str) -> None:
+def check_thumbnail(thumbnail: np.ndarray, tissue_mask: np.ndarray, what: str) -> None:
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3 or thumbnail.dtype != np.uint8:
         raise ScoringError(f"{what}: thumbnail must be (h, w, 3) uint8, got {thumbnail.shape} {thumbnail.dtype}")
     if tissue_mask.shape != thumbnail.shape[:2]:
         raise ScoringError(f"{what}: tissue_mask shape {tissue_mask.shape} != thumbnail shape {thumbnail.shape[:2]}")
 
 
-def _check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarray:
+def check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarray:
     tiles = np.asarray(tiles)
     if tiles.shape != (n, tile_px, tile_px, 3) or tiles.dtype != np.uint8:
         raise ScoringError(
@@ -163,7 +156,7 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
                   sampler: str = "attention") -> TileProposal:
     """SAM (softmax over the tissue pixels) -> sampler -> level-0 boxes, in evaluation mode (no
     gradients), seeded by ``seed``."""
-    _check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
+    check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
     with torch.no_grad():
         attention = attention_map_of(model, thumbnail, tissue_mask).cpu().numpy().astype(np.float64)
     sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
@@ -184,16 +177,19 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
 
 def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProposal, config: DualAttentionConfig,
                 seed: int) -> list[TileScore]:
-    """The agent over each proposed tile, glimpsing at the policy means (deterministic; ``seed`` is kept
-    for the contract and unused here)."""
-    del seed
+    """The agent over each proposed tile, glimpsing at the policy means after a first glimpse drawn from
+    ``seed`` (deterministic per seed)."""
     n = len(proposal.level0_boxes)
-    tiles = _check_tiles(tiles, n, config.tile.tile_level0_px, "score_tiles")
+    tiles = check_tiles(tiles, n, config.tile.tile_level0_px, "score_tiles")
     scores: list[TileScore] = []
+    device = model_device(model)
+    # One draw for all tiles, so that a tile's first glimpse does not depend on how tiles are batched.
+    first_glimpses = model.agent.random_first_locations(n, torch.Generator().manual_seed(int(seed))).to(device)
     with torch.no_grad():
         for start in range(0, n, AGENT_CHUNK_TILES):
-            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES]).to(model_device(model))
-            output = model.agent(chunk, deterministic=True)
+            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES]).to(device)
+            output = model.agent(chunk, deterministic=True,
+                                 first_locations=first_glimpses[start:start + AGENT_CHUNK_TILES])
             probs = output.class_log_probs[:, -1].exp().cpu().numpy()
             locations = output.locations.cpu().numpy()
             for j in range(len(chunk)):
@@ -259,98 +255,3 @@ def score_slide(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: n
     tiles = read_tiles(proposal.level0_boxes)
     tile_scores = score_tiles(model, tiles, proposal, config, seed)
     return aggregate(tile_scores, config.task, level0_dims, attention_map=proposal.attention_map)
-
-
-# -- training ----------------------------------------------------------------------------------------------
-
-
-def training_phase(config: DualAttentionConfig, epoch: int) -> str:
-    """"joint", or in separate mode "sam" for epochs [0, ceil(E/2)) and "agent" after."""
-    if config.train.mode == "joint":
-        return "joint"
-    return "sam" if epoch < math.ceil(config.train.epochs / 2) else "agent"
-
-
-def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, config: DualAttentionConfig,
-                  rng: np.random.Generator, augment: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """One batch of slides -> (loss to back-propagate, its terms as floats).
-
-    Per slide: attention over the thumbnail (with gradient), the paper's sampler on its detached copy
-    (noise from ``rng``), tiles through ``read_tiles``, optional rot90/flip from ``rng``; f_f on the tiles
-    and the attention-sampling expectation give the SAM head's logits (L_SA). All tiles, labelled with
-    their slide's label, go through the agent with locations drawn from a generator seeded from ``rng``
-    (L_HA). Slides with no tissue are skipped and counted (``slides_skipped``); a batch with none left
-    raises ``ScoringError``. Terms not computed in this phase are NaN.
-    """
-    phase = training_phase(config, epoch)
-    train_sam, train_agent = phase in ("joint", "sam"), phase in ("joint", "agent")
-    n_slides = len(batch.thumbnails)
-    if not (len(batch.tissue_masks) == len(batch.labels) == len(batch.level0_dims) == len(batch.read_tiles)
-            == n_slides) or n_slides == 0:
-        raise ValueError("SlideBatch fields must be non-empty lists of the same length")
-    tile_px = config.tile.tile_level0_px
-    device = model_device(model)
-    sam_logits, sam_labels, attention_maps = [], [], []
-    agent_tiles, agent_labels = [], []
-    skipped = 0
-    for i in range(n_slides):
-        what = f"slide {batch.slide_ids[i] if i < len(batch.slide_ids) else i}"
-        _check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
-        with torch.set_grad_enabled(train_sam):
-            attention = attention_map_of(model, batch.thumbnails[i], batch.tissue_masks[i])
-        sampled = sample_locations(attention.detach().cpu().numpy().astype(np.float64), batch.tissue_masks[i].astype(bool),
-                                   config.sampler, config.soft_attention.attention_mask, rng)
-        centers = sampled.centers_thumb_rc
-        if len(centers) == 0:
-            skipped += 1
-            continue
-        boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, tile_px, batch.level0_dims[i])
-        tiles = _check_tiles(batch.read_tiles[i](boxes), len(boxes), tile_px, what)
-        if augment:
-            tiles = augment_tiles(tiles, rng)
-        tiles_t = images_to_tensor(tiles).to(device)
-        label = int(batch.labels[i])
-        if train_sam:
-            features = model.tile_features(tiles_t)
-            attention_at_tiles = attention[torch.as_tensor(centers[:, 0], device=device),
-                                           torch.as_tensor(centers[:, 1], device=device)]
-            sam_logits.append(model.sam_head(expected_features(attention_at_tiles, features)))
-            sam_labels.append(label)
-            attention_maps.append(attention)
-        agent_tiles.append(tiles_t)
-        agent_labels += [label] * len(tiles_t)
-    if skipped == n_slides:
-        raise ScoringError(f"training_step: none of the {n_slides} slides had tissue to sample")
-
-    nan = float("nan")
-    terms: dict[str, float] = {}
-    total = torch.zeros((), device=device)
-    if train_sam:
-        sam_labels_t = torch.as_tensor(sam_labels, device=device)
-        l_sa, sam_ce, sam_neg_entropy = losses.sam_loss(torch.stack(sam_logits), sam_labels_t,
-                                                        attention_maps, config.loss.beta)
-        sam_weight = config.loss.alpha**epoch if phase == "joint" else 1.0
-        total = total + sam_weight * l_sa
-        terms |= {"l_sa": l_sa.item(), "sam_ce": sam_ce.item(), "sam_neg_entropy": sam_neg_entropy.item(),
-                  "sam_weight": sam_weight,
-                  "sam_accuracy": float((torch.stack(sam_logits).argmax(1) == sam_labels_t)
-                                        .float().mean())}
-    else:
-        terms |= {"l_sa": nan, "sam_ce": nan, "sam_neg_entropy": nan, "sam_weight": 0.0, "sam_accuracy": nan}
-    if train_agent:
-        generator = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-        output = model.agent(torch.cat(agent_tiles), generator=generator)
-        agent = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
-                                    torch.as_tensor(agent_labels, device=device), config.agent.glimpse_px / tile_px,
-                                    config.loss.delta)
-        total = total + agent.l_ha
-        terms |= {"l_ha": agent.l_ha.item(), "l_theta": agent.l_theta.item(), "reinforce": agent.reinforce.item(),
-                  "nll": agent.nll.item(), "baseline_mse": agent.baseline_mse.item(), "l_bb": agent.l_bb.item(),
-                  "l_s": agent.l_s.item(), "tile_accuracy": agent.accuracy_last_step,
-                  "mean_reward": agent.mean_reward}
-    else:
-        terms |= {k: nan for k in ("l_ha", "l_theta", "reinforce", "nll", "baseline_mse", "l_bb", "l_s",
-                                   "tile_accuracy", "mean_reward")}
-    terms |= {"l_j": total.item(), "n_tiles": float(sum(len(t) for t in agent_tiles)),
-              "slides_skipped": float(skipped), "trains_sam": float(train_sam), "trains_agent": float(train_agent)}
-    return total, terms

@@ -12,8 +12,14 @@ Fewer than N locations come back, with ``shortfall_reason`` saying why, when the
 candidates too crowded. Locations are thumbnail (row, col) pixel indices; ``thumb_to_level0_box`` from
 ``dual_attention.slides`` is the one mapping to level 0.
 
+A map that is flat over tissue (max/min below 1 + ``min_contrast``) is not stretched: it is treated as
+constant, so the mask is the whole tissue and the noise alone picks the tiles, which is what a flat map
+means (min-max normalisation would turn float noise into a full (0, 1] range and hide it).
+
 The random baseline (``random_locations``) draws N tissue pixels without replacement by Gumbel-top-k
-(uniform unless ``log_weights`` are given).
+(uniform unless ``log_weights`` are given). Training draws from the attention itself the same way
+(``attention_draw``: log-attention as ``log_weights``, top 2N, then d_t apart), because the SAM's
+REINFORCE signal is the gradient of the log-probability of tiles drawn from its own distribution.
 """
 
 from __future__ import annotations
@@ -118,7 +124,11 @@ def sample_locations(
     tissue = tissue_mask.astype(bool)
     # normalise over tissue: values off tissue (0 for a tissue-masked softmax) must not set the minimum
     floor = float(attention_map[tissue].min()) if tissue.any() else 0.0
-    normalised = normalise_attention(np.where(tissue, attention_map, floor))
+    peak = float(attention_map[tissue].max()) if tissue.any() else 0.0
+    if not peak > floor * (1.0 + sampler.min_contrast):  # flat: do not stretch noise into a range
+        normalised = np.ones(attention_map.shape, dtype=np.float64)
+    else:
+        normalised = normalise_attention(np.where(tissue, attention_map, floor))
     kmeans_seed = int(rng.integers(0, 2**31 - 1))
     region = attention_region(normalised, tissue_mask, mask_kind, seed=kmeans_seed)
     noise = rng.uniform(sampler.noise_low, sampler.noise_high, size=normalised.shape)
@@ -146,11 +156,14 @@ def random_locations(
     n: int,
     rng: np.random.Generator,
     log_weights: np.ndarray | None = None,
+    n_candidates: int | None = None,
+    min_distance: float = 0.0,
 ) -> SampledLocations:
     """Random-sampling baseline: ``n`` tissue pixels without replacement by Gumbel-top-k.
 
     With ``log_weights`` (h, w) the draw is proportional to exp(log_weights) over tissue; otherwise
-    uniform over tissue.
+    uniform over tissue. With ``n_candidates`` the top ``n_candidates`` keys are drawn and then kept
+    greedily ``min_distance`` apart, up to ``n`` (the paper's top-2N-then-d_t rule on a random draw).
     """
     tissue = tissue_mask.astype(bool)
     if log_weights is not None:
@@ -161,11 +174,30 @@ def random_locations(
     gumbel = rng.gumbel(size=tissue.shape)
     keys = gumbel if log_weights is None else gumbel + np.asarray(log_weights, dtype=np.float64)
     keys = np.where(tissue, keys, -np.inf).ravel()
-    n_taken = min(n, n_tissue)
-    top = np.argpartition(-keys, n_taken - 1)[:n_taken]
+    n_drawn = min(max(n, n_candidates or n), n_tissue)
+    top = np.argpartition(-keys, n_drawn - 1)[:n_drawn]
     top = top[np.argsort(-keys[top], kind="stable")]
-    reason = None if n_taken == n else f"only {n_taken} of {n} locations: the tissue mask holds {n_tissue} pixels"
-    return SampledLocations(np.stack(np.unravel_index(top, tissue.shape), axis=1), keys[top], reason)
+    candidates = np.stack(np.unravel_index(top, tissue.shape), axis=1)
+    kept = greedy_spread(candidates, min_distance, n) if min_distance > 0 else np.arange(min(n, n_drawn))
+    reason = None
+    if kept.size < n:
+        reason = (f"only {kept.size} of {n} locations: the tissue mask holds {n_tissue} pixels and {n_drawn} "
+                  f"candidates gave {kept.size} at least {min_distance} px apart")
+    return SampledLocations(candidates[kept], keys[top[kept]], reason)
+
+
+def attention_draw(attention_map: np.ndarray, tissue_mask: np.ndarray, sampler: SamplerConfig,
+                   rng: np.random.Generator) -> SampledLocations:
+    """Training's draw: N tissue locations from the attention itself, so each tile is a sample of the
+    distribution whose log-probability the SAM's REINFORCE term differentiates. Gumbel keys on
+    log-attention order every tissue pixel (a draw without replacement); the first ones at least ``d_t``
+    apart are kept. (Only the top 2N, as the scoring sampler does, would often leave fewer than N tiles
+    once the attention concentrates: its top draws then lie close together.)"""
+    _check_maps(attention_map, tissue_mask)
+    log_attention = np.log(np.maximum(np.asarray(attention_map, dtype=np.float64), 1e-300))
+    return random_locations(tissue_mask, sampler.n_tiles, rng, log_weights=log_attention,
+                            n_candidates=int(np.count_nonzero(tissue_mask)),
+                            min_distance=sampler.min_distance_thumb_px)
 
 
 def locations_to_level0_boxes(

@@ -342,3 +342,17 @@ class SlideHandleCache:
     def close_all(self) -> None:
         with self._lock:
             self._slides.clear()
+
+
+def read_tumour_mask(path: str | Path, shape_rc: tuple[int, int]) -> np.ndarray:
+    """A tumour mask image (non-zero = tumour, at the thumbnail's downsample) as a bool (rows, cols) array
+    of ``shape_rc``, resized by nearest neighbour when its size differs by rounding. Raises ``SlideError``
+    naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            mask = image.convert("L")
+            if mask.size != (shape_rc[1], shape_rc[0]):
+                mask = mask.resize((shape_rc[1], shape_rc[0]), Image.Resampling.NEAREST)
+            return np.asarray(mask) > 0
+    except (OSError, ValueError) as error:
+        raise SlideError(path, f"tumour mask cannot be read ({type(error).__name__}: {error})") from error

@@ -4,8 +4,8 @@ benchmarks/bench_learning.py (longer runs with figures). Pure numpy + torch, see
 - ``region_label_tiles``: tiles whose label is visible only inside one fixed corner region; the rest is
   label-free noise. An agent that scores them well must move its glimpses into that region.
 - ``toy_slides``: slides with tissue, a tumour region and label-free normal tissue; the label shows only
-  inside the tumour (its stain colour). A SAM trained by the ATS expectation should move attention mass
-  onto the tumour.
+  inside the tumour (its stain colour). Trained jointly (the agent reads tiles, the SAM learns from the
+  agent's reward where it reads the label), the attention mass should move onto the tumour.
 """
 
 from __future__ import annotations
@@ -36,14 +36,31 @@ def agent_toy_config() -> DualAttentionConfig:
     })
 
 
-def region_label_tiles(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def region_label_tiles(n: int, rng: np.random.Generator, moving: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n, 64, 64, 3) uint8 tiles and (n,) labels in {0, 1}: grey noise everywhere, and in the top-left
-    24² corner a noisy patch of the label's colour."""
+    24² corner a noisy patch of the label's colour. ``moving``: the patch sits in a random corner per tile
+    (returned third, 0-3 = top-left, top-right, bottom-left, bottom-right), so that one path for every
+    tile cannot read them all: the glimpses must follow the context."""
     labels = rng.integers(0, 2, size=n)
+    corners = rng.integers(0, 4, size=n) if moving else np.zeros(n, np.int64)
     tiles = rng.normal(128, 30, size=(n, AGENT_TILE_PX, AGENT_TILE_PX, 3))
     patch = LABEL_COLOURS[labels][:, None, None, :] + rng.normal(0, 20, size=(n, LABEL_REGION_PX, LABEL_REGION_PX, 3))
-    tiles[:, :LABEL_REGION_PX, :LABEL_REGION_PX] = patch
-    return np.clip(tiles, 0, 255).astype(np.uint8), labels
+    far = AGENT_TILE_PX - LABEL_REGION_PX
+    for i, corner in enumerate(corners):
+        r0, c0 = (far if corner >= 2 else 0), (far if corner % 2 else 0)
+        tiles[i, r0:r0 + LABEL_REGION_PX, c0:c0 + LABEL_REGION_PX] = patch[i]
+    out = np.clip(tiles, 0, 255).astype(np.uint8)
+    return (out, labels, corners) if moving else (out, labels)
+
+
+def glimpses_on_corner(locations_xy: np.ndarray, corners: np.ndarray, glimpse_px: int) -> np.ndarray:
+    """(n, T) bool: does the finest glimpse overlap tile i's label patch in ``corners[i]``? Mirrors the
+    locations into the top-left frame and asks ``glimpses_in_label_region``."""
+    flipped = np.asarray(locations_xy, dtype=np.float64).copy()
+    flipped[corners % 2 == 1, :, 0] *= -1
+    flipped[corners >= 2, :, 1] *= -1
+    return glimpses_in_label_region(flipped, glimpse_px)
 
 
 def glimpses_in_label_region(locations_xy: np.ndarray, glimpse_px: int) -> np.ndarray:
@@ -69,6 +86,35 @@ def evaluate_agent(agent: HardAttentionAgent, tiles: np.ndarray, labels: np.ndar
         fraction_in_region=float(glimpses_in_label_region(locations, glimpse_px).mean()),
         locations_xy=locations,
     )
+
+
+def train_agent_on_moving_region_task(steps: int, batch_size: int = 32, seed: int = 0
+                                      ) -> tuple[AgentEvaluation, AgentEvaluation, np.ndarray]:
+    """The agent alone on ``region_label_tiles(moving=True)``, the location std annealed as in training;
+    returns (before, after, the eval tiles' corners). Evaluation glimpses first at the tile centre, from
+    where no patch is visible, then at the policy means."""
+    from dual_attention.training import location_std
+
+    config = agent_toy_config().with_overrides({"agent.location_std": 0.1, "agent.location_std_start": 0.3,
+                                                "agent.location_std_anneal_steps": steps // 2})
+    torch.manual_seed(seed)
+    agent = DualAttentionModel(config).agent
+    rng = np.random.default_rng(seed)
+    eval_tiles, eval_labels, eval_corners = region_label_tiles(256, np.random.default_rng(seed + 10_000), moving=True)
+    before = evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px)
+    optimiser = torch.optim.Adam(agent.parameters(), lr=config.train.lr_agent)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        tiles, labels, _ = region_label_tiles(batch_size, rng, moving=True)
+        agent.location.std = location_std(config, step)
+        output = agent(images_to_tensor(tiles), generator=generator)
+        terms = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
+                                    torch.as_tensor(labels), config.agent.glimpse_px / AGENT_TILE_PX,
+                                    config.loss.delta)
+        optimiser.zero_grad()
+        terms.l_ha.backward()
+        optimiser.step()
+    return before, evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px), eval_corners
 
 
 def train_agent_on_region_task(steps: int, batch_size: int = 32, seed: int = 0, lr: float | None = None,
@@ -115,12 +161,14 @@ TUMOUR_STAIN_RGB = np.array([[60.0, 60.0, 170.0], [150.0, 80.0, 30.0]])  # class
 
 
 def sam_toy_config() -> DualAttentionConfig:
-    """256² slides, thumbnails at 1/8 (32²), 32² tiles (4² thumbnail pixels); SAM phase of separate mode."""
+    """256² slides, thumbnails at 1/8 (32²), 32² tiles (4² thumbnail pixels); joint training, L_SA after
+    the agent's first ``train.sam_warmup_steps`` steps."""
     return preset("cpu-small", task="mmr").with_overrides({
         "slide.thumbnail_downsample": TOY_DOWNSAMPLE, "tile.tile_level0_px": TOY_TILE_LEVEL0_PX,
-        "tile.feature_input_px": 32, "agent.glimpse_px": 8, "agent.context_px": 16,
+        "tile.feature_input_px": 32, "agent.glimpse_px": 8, "agent.context_px": 16, "agent.n_glimpses": 2,
         "soft_attention.attention_mask": "positive", "sampler.n_tiles": 4, "sampler.n_candidates": 8,
-        "sampler.min_distance_thumb_px": 3.0, "train.mode": "separate", "train.epochs": 2,
+        "sampler.min_distance_thumb_px": 3.0, "train.mode": "joint", "train.epochs": 1,
+        "train.sam_warmup_steps": 10, "loss.alpha_hold_epochs": 1,
     })
 
 
@@ -204,17 +252,17 @@ def tumour_attention_stats(model: DualAttentionModel, slides: list[ToySlide], co
 
 
 def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0, lr: float = 3e-3,
-                            beta: float | None = None, progress: bool = False
+                            beta: float | None = None, signal: str = "agent_reward", progress: bool = False
                             ) -> tuple[TumourAttentionStats, TumourAttentionStats, list[dict[str, float]],
                                        DualAttentionModel, list[ToySlide]]:
-    """Train the SAM alone through ``pipeline.training_step`` (separate mode, SAM phase), Adam at ``lr``
-    (3x the preset's lr_sam: CI-sized runs).
+    """Train SAM and agent jointly through ``training.optimise`` (the training job's step), Adam at ``lr``
+    for both halves (3x the preset's: CI-sized runs); ``signal`` is ``loss.sam_signal``.
 
     Returns (attention stats before, after, per-step terms, model, eval slides).
     """
-    from dual_attention.pipeline import SlideBatch, training_step
+    from dual_attention.training import SlideBatch, TrainingStep, build_optimizer, optimise
 
-    config = sam_toy_config()
+    config = sam_toy_config().with_overrides({"loss.sam_signal": signal, "train.lr_sam": lr, "train.lr_agent": lr})
     if beta is not None:
         config = config.with_overrides({"loss.beta": beta})
     torch.manual_seed(seed)
@@ -223,7 +271,8 @@ def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0
     eval_rng = np.random.default_rng(seed + 10_000)
     eval_slides = [toy_slide(i % 2, eval_rng) for i in range(16)]
     before = tumour_attention_stats(model, eval_slides, config)
-    optimiser = torch.optim.Adam(model.sam_parameters(), lr=lr)
+    optimiser, _ = build_optimizer(model, config)
+    step_module = TrainingStep(model, config)
     history: list[dict[str, float]] = []
     iterator = range(steps)
     if progress:
@@ -232,15 +281,12 @@ def train_sam_on_toy_slides(steps: int, slides_per_batch: int = 8, seed: int = 0
         iterator = tqdm(iterator, desc="SAM toy task")
     # A fixed pool of training slides, drawn from per step: generating slides costs more than a step.
     pool = [toy_slide(i % 2, rng) for i in range(4 * slides_per_batch)]
-    for _ in iterator:
+    for step in iterator:
         picked = rng.choice(len(pool), size=slides_per_batch, replace=False)
         slides = [pool[i] for i in picked]
         batch = SlideBatch([s.thumbnail for s in slides], [s.tissue_mask for s in slides], [s.label for s in slides],
-                           [(TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX)] * len(slides), [s.read_tiles for s in slides])
-        loss, terms = training_step(model, batch, epoch=0, config=config, rng=rng, augment=True)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        history.append(terms)
+                           [(TOY_SLIDE_LEVEL0_PX, TOY_SLIDE_LEVEL0_PX)] * len(slides), [s.read_tiles for s in slides],
+                           tumour_masks=[s.tumour_mask for s in slides])
+        history.append(optimise(step_module, model, optimiser, batch, 0, config, rng, step))
     after = tumour_attention_stats(model, eval_slides, config)
     return before, after, history, model, eval_slides

@@ -62,60 +62,6 @@ OVERLAY_DIR = "overlays"
 METRICS_FILE = "metrics.json"
 
 
-# -- batches with every class present ----------------------------------------------------------------------
-
-
-def class_balanced_batches(labels: Sequence[int], num_classes: int, slides_per_batch: int, n_batches: int,
-                           rng: np.random.Generator) -> list[list[int]]:
-    """``n_batches`` batches of indices into ``labels``, each holding at least one slide of every class.
-
-    Each class has its own shuffled queue, refilled when used up, so every slide of a class is drawn once
-    before any is drawn twice. A batch takes one slide per class, then fills its remaining places from a
-    queue over all slides (class frequencies as in the data), avoiding repeats inside a batch while it can.
-    """
-    labels = [int(label) for label in labels]
-    if slides_per_batch < num_classes:
-        raise ValueError(
-            f"train.slides_per_batch ({slides_per_batch}) must be at least the number of classes ({num_classes}) "
-            "so that every class is present in a batch"
-        )
-    by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in range(num_classes)}
-    missing = [c for c, members in by_class.items() if not members]
-    if missing:
-        raise ValueError(f"no training slide of class(es) {missing}: a batch with every class present is impossible")
-
-    def queue(members: list[int]) -> Callable[[], int]:
-        pending: list[int] = []
-
-        def take() -> int:
-            if not pending:
-                pending.extend(int(i) for i in rng.permutation(members))
-            return pending.pop()
-
-        return take
-
-    take_class = {c: queue(members) for c, members in by_class.items()}
-    take_any = queue(list(range(len(labels))))
-    batches: list[list[int]] = []
-    for _ in range(n_batches):
-        batch = [take_class[c]() for c in range(num_classes)]
-        attempts = 0
-        while len(batch) < slides_per_batch:
-            index = take_any()
-            attempts += 1
-            if index not in batch or attempts > 4 * len(labels):
-                batch.append(index)
-        batches.append([batch[i] for i in rng.permutation(len(batch))])
-    return batches
-
-
-def steps_per_epoch(config: DualAttentionConfig, n_train_slides: int, world_size: int) -> int:
-    """Steps each worker takes per epoch: ``train.steps_per_epoch``, or one pass over the training slides."""
-    if config.train.steps_per_epoch > 0:
-        return config.train.steps_per_epoch
-    return max(1, math.ceil(n_train_slides / (config.train.slides_per_batch * world_size)))
-
-
 # -- worker side ---------------------------------------------------------------------------------------------
 
 
@@ -136,61 +82,6 @@ class _Timer:
                 self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
 
         return timed
-
-
-def _sam_side_modules(model: Any) -> list[Any]:
-    return [model.soft_attention, model.tile_features, model.sam_head]
-
-
-def build_optimizer(model: Any, config: DualAttentionConfig) -> tuple[Any, Any]:
-    """Adam with ``lr_sam`` for SAM + f_f + SAM head and ``lr_agent`` for the agent; StepLR per epoch."""
-    import torch
-
-    sam_params = [p for module in _sam_side_modules(model) for p in module.parameters()]
-    agent_params = list(model.agent.parameters())
-    covered = {id(p) for p in sam_params + agent_params}
-    rest = [p for p in model.parameters() if id(p) not in covered]
-    groups = [{"params": sam_params, "lr": config.train.lr_sam, "name": "sam"},
-              {"params": agent_params + rest, "lr": config.train.lr_agent, "name": "agent"}]
-    optimizer = torch.optim.Adam(groups)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_step_size,
-                                                gamma=config.train.lr_gamma)
-    return optimizer, scheduler
-
-
-def _nanmean_dicts(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
-    keys = sorted({k for d in dicts for k in d})
-    out: dict[str, float] = {}
-    for key in keys:
-        values = np.array([d[key] for d in dicts if key in d], dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        out[key] = float(finite.mean()) if finite.size else float("nan")
-    return out
-
-
-def validation_metrics(task: str, num_classes: int, labels: Sequence[int], predicted: Sequence[int],
-                       probabilities: Sequence[Sequence[float]], confidence: Sequence[float]) -> dict[str, float]:
-    """Slide-level metrics from ``dual_attention.metrics``: accuracy, macro F1, AUROC (when both sides of
-    every class are present) and, for HER2, contest agreement points, combined points, weighted confidence."""
-    from dual_attention import metrics
-
-    out: dict[str, float] = {"n_slides": float(len(labels))}
-    if not labels:
-        return out
-    truth = np.asarray(labels, dtype=np.int64)
-    pred = np.asarray(predicted, dtype=np.int64)
-    out["accuracy"] = float((truth == pred).mean())
-    out["f1_macro"] = metrics.f1(truth, pred)
-    try:
-        out["auroc"] = metrics.auroc(truth, np.asarray(probabilities, dtype=np.float64))
-    except ValueError:  # a single class among the validation slides: AUROC is undefined
-        out["auroc"] = float("nan")
-    if task == "her2":
-        out["her2_points"] = float(metrics.her2_agreement_points(truth, pred))
-        out["her2_points_fraction"] = out["her2_points"] / (15.0 * len(truth))
-        out["combined_points"] = metrics.combined_points(truth, pred, confidence)
-        out["weighted_confidence"] = metrics.weighted_confidence(truth, pred, confidence)
-    return out
 
 
 def _primary_metric(task: str) -> str:
@@ -214,32 +105,27 @@ def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: An
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker loop (see the module docstring)."""
+    """The Ray Train worker: the core training loop (``dual_attention.training``) with DDP and reports."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from torch import nn
 
-    from dual_attention.checkpoint import save_checkpoint
+    from dual_attention import training
     from dual_attention.models import DualAttentionModel
-    from dual_attention.pipeline import ScoringError, SlideBatch, score_slide, training_phase, training_step
-    from dual_attention.slides import SlideError
-    from jobs.overlays import save_slide_score_overlay
-    from jobs.tile_plane import TilePool, TileReader, TileRequest
+    from dual_attention.pipeline import slide_seed
 
     config = DualAttentionConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     seed = config.train.seed
-    tile_px = config.tile.tile_level0_px
     torch.manual_seed(seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
 
     model = DualAttentionModel(config)
-    optimizer, scheduler = build_optimizer(model, config)
+    optimizer, scheduler = training.build_optimizer(model, config)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group, or a resumed run
@@ -247,54 +133,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             start_epoch = _load_train_state(Path(directory), model, optimizer, scheduler) + 1
     elif loop_config.get("resume_checkpoint"):
         start_epoch = _load_train_state(Path(loop_config["resume_checkpoint"]), model, optimizer, scheduler) + 1
-
-    class TrainingStep(nn.Module):
-        """Calls ``training_step`` inside ``forward`` so that DDP's gradient hooks see the step."""
-
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, batch: SlideBatch, epoch: int, rng: np.random.Generator) -> tuple[Any, dict[str, float]]:
-            return training_step(self.inner, batch, epoch, config, rng, augment=True)
-
     # Separate mode trains half the network per phase; the other half's parameters get no gradient.
-    step_module = ray.train.torch.prepare_model(TrainingStep(model),
+    step_module = ray.train.torch.prepare_model(training.TrainingStep(model, config),
                                                 parallel_strategy_kwargs={"find_unused_parameters": True})
-    sam_side = {id(p) for module in _sam_side_modules(model) for p in module.parameters()}
 
-    # Slides: thumbnails and masks from the object store, fetched once per worker.
     slides: list[dict[str, Any]] = loop_config["slides"]
-    arrays = ray.get([s["arrays_ref"] for s in slides])
-    thumbnails = {s["slide_id"]: a for s, a in zip(slides, arrays, strict=True)}
-    train_slides = [s for s in slides if s["fold"] != loop_config["val_fold"]]
-    val_slides = [s for s in slides if s["fold"] == loop_config["val_fold"]]
-    bad_slides: dict[str, str] = {}
-
-    # "pool": the Ray tile plane (reader actors); "local": the same reader code in this process, no Ray hop.
-    local_reader = TileReader() if loop_config.get("tile_reader") == "local" else None
-    pool = None if local_reader else TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
-
-    def read_tiles_fn(path: str) -> Callable[[Any], np.ndarray]:
-        if pool is not None:
-            return pool.read_tiles_fn(path, tile_px)
-
-        def read_local(boxes: Any) -> np.ndarray:
-            results = local_reader.read_batch([TileRequest(path, box) for box in boxes])
-            for result in results:
-                if isinstance(result, SlideError):
-                    raise result
-            return np.stack(results) if results else np.zeros((0, tile_px, tile_px, 3), np.uint8)
-
-        return read_local
     timer = _Timer()
+    readers = _WorkerTileReaders(loop_config, config.tile.tile_level0_px)
+    examples = {s["slide_id"]: example for s, example in zip(
+        slides, _worker_examples(slides, readers, timer), strict=True)}
+    train_ids = [s["slide_id"] for s in slides if s["fold"] != loop_config["val_fold"]]
+    val_ids = [s["slide_id"] for s in slides if s["fold"] == loop_config["val_fold"]]
+    bad_slides: dict[str, str] = {}
+    paths = {s["path"]: s["slide_id"] for s in slides}
 
-    def slide_inputs(slide: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[int, int], Callable]:
-        thumbnail, tissue = thumbnails[slide["slide_id"]]
-        read = timer.wrap(read_tiles_fn(slide["path"]))
-        return thumbnail, tissue, tuple(slide["level0_dims"]), read
-
-    n_steps = steps_per_epoch(config, len(train_slides), world)
+    n_steps = training.steps_per_epoch(config, len(train_ids), world)
     fail_marker = loop_config.get("fail_once_marker")
     try:
         for epoch in range(start_epoch, config.train.epochs):
@@ -304,70 +157,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
             epoch_start = time.perf_counter()
             timer.tile_wait_s, timer.level0_pixels = 0.0, 0
-            phase = training_phase(config, epoch)
-            plan_rng = np.random.default_rng([seed, epoch])
-            live = [s for s in train_slides if s["slide_id"] not in bad_slides]
-            plan = class_balanced_batches([s["label"] for s in live], config.num_classes,
-                                          config.train.slides_per_batch, n_steps * world, plan_rng)
+            live = [i for i in train_ids if i not in bad_slides]
+            plan = training.class_balanced_batches([examples[i].label for i in live], config.num_classes,
+                                                   config.train.slides_per_batch, n_steps * world,
+                                                   np.random.default_rng([seed, epoch]))
             step_terms: list[dict[str, float]] = []
             step_module.train()
             for step, indices in enumerate(plan[rank::world]):
-                rng = np.random.default_rng([seed, epoch, step, rank])
-                members = [live[i] for i in indices]
-                while True:  # a slide whose tiles cannot be read leaves the batch (and training) for good
-                    members = [s for s in members if s["slide_id"] not in bad_slides]
-                    inputs = [slide_inputs(s) for s in members]
-                    batch = SlideBatch(
-                        thumbnails=[x[0] for x in inputs], tissue_masks=[x[1] for x in inputs],
-                        labels=[s["label"] for s in members], level0_dims=[x[2] for x in inputs],
-                        read_tiles=[x[3] for x in inputs], slide_ids=[s["slide_id"] for s in members],
-                    )
-                    try:
-                        loss, terms = step_module(batch, epoch, rng)
-                        break
-                    except SlideError as error:
-                        bad_slides[_slide_id_of(members, error.path)] = str(error)
-                        if not [s for s in members if s["slide_id"] not in bad_slides]:
-                            raise
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if phase != "joint":  # separate mode: the frozen half must not move (Adam would, on zeros)
-                    for group in optimizer.param_groups:
-                        for p in group["params"]:
-                            if (id(p) in sam_side) != (phase == "sam"):
-                                p.grad = None
-                optimizer.step()
-                step_terms.append(terms)
+                step_terms.append(training.optimise_skipping_bad_slides(
+                    step_module, model, optimizer,
+                    lambda members: training.batch_of([examples[m] for m in members]),
+                    [live[i] for i in indices], epoch, config, np.random.default_rng([seed, epoch, step, rank]),
+                    epoch * n_steps + step, bad_slides, lambda path: paths.get(path, path)))
             scheduler.step()
-            train_seconds = time.perf_counter() - epoch_start
-            train_wait = timer.tile_wait_s
+            train_seconds, train_wait = time.perf_counter() - epoch_start, timer.tile_wait_s
 
-            # Validation, sharded over workers (base model, evaluation mode, fixed seeds per slide).
-            model.eval()
-            val_rows: list[dict[str, Any]] = []
-            overlay_inputs: list[tuple[str, np.ndarray, Any]] = []
-            for index in range(rank, len(val_slides), world):
-                slide = val_slides[index]
-                if slide["slide_id"] in bad_slides:
-                    continue
-                thumbnail, tissue, dims, read = slide_inputs(slide)
-                try:
-                    with torch.no_grad():
-                        score = score_slide(model, thumbnail, tissue, dims, read, config, seed=seed + index)
-                except (SlideError, ScoringError) as error:
-                    bad_slides[slide["slide_id"]] = str(error)
-                    continue
-                val_rows.append({"slide_id": slide["slide_id"], "label": slide["label"],
-                                 "predicted": score.predicted_class, "probabilities": score.class_probabilities,
-                                 "confidence": score.confidence})
-                if rank == 0 and len(overlay_inputs) < int(loop_config.get("overlays_per_epoch", 2)):
-                    overlay_inputs.append((slide["slide_id"], thumbnail, score))
-            model.train()
-            epoch_seconds = time.perf_counter() - epoch_start
-            local = {"terms": _nanmean_dicts(step_terms) if step_terms else {}, "val_rows": val_rows,
-                     "train_seconds": train_seconds, "train_tile_wait_s": train_wait,
-                     "tile_wait_s": timer.tile_wait_s, "level0_pixels": timer.level0_pixels,
-                     "epoch_seconds": epoch_seconds, "bad_slides": dict(bad_slides), "steps": len(step_terms)}
+            # Validation, sharded over workers (base model, evaluation mode, one seed per slide).
+            shard = [examples[i] for i in val_ids[rank::world]]
+            validated = training.validate(model, config, shard, lambda slide_id: slide_seed(seed, slide_id),
+                                          bad_slides)
+            local = {"terms": training.mean_terms(step_terms), "val_rows": [
+                training.prediction_row(v, config) for v in validated],
+                "train_seconds": train_seconds, "train_tile_wait_s": train_wait, "tile_wait_s": timer.tile_wait_s,
+                "level0_pixels": timer.level0_pixels, "epoch_seconds": time.perf_counter() - epoch_start,
+                "bad_slides": dict(bad_slides), "steps": len(step_terms)}
             gathered: list[Any] = [None] * world
             if distributed:
                 dist.all_gather_object(gathered, local)
@@ -375,61 +188,138 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 gathered = [local]
             for other in gathered:  # every worker learns every bad slide
                 bad_slides.update(other["bad_slides"])
-
-            all_rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
-            val = validation_metrics(config.task, config.num_classes, [r["label"] for r in all_rows],
-                                     [r["predicted"] for r in all_rows], [r["probabilities"] for r in all_rows],
-                                     [r["confidence"] for r in all_rows])
-            terms = _nanmean_dicts([g["terms"] for g in gathered if g["terms"]])
-            worker_train_s = [g["train_seconds"] for g in gathered]
-            worker_wait_s = [g["train_tile_wait_s"] for g in gathered]
-            metrics: dict[str, Any] = {"epoch": epoch, "phase": phase}
-            metrics |= {f"train_{k}": v for k, v in terms.items()}
-            metrics |= {f"val_{k}": v for k, v in val.items()}
-            metrics |= {
-                "lr_sam": optimizer.param_groups[0]["lr"], "lr_agent": optimizer.param_groups[1]["lr"],
-                "epoch_seconds": max(g["epoch_seconds"] for g in gathered),
-                "train_seconds": max(worker_train_s),
-                # per worker, averaged: time inside ReadTiles vs the rest of the training steps
-                "train_tile_wait_seconds": float(np.mean(worker_wait_s)),
-                "train_compute_seconds": float(np.mean([t - w for t, w in zip(worker_train_s, worker_wait_s,
-                                                                              strict=True)])),
-                "train_tile_wait_fraction": float(np.sum(worker_wait_s) / max(np.sum(worker_train_s), 1e-9)),
-                "tile_wait_seconds_total": float(sum(g["tile_wait_s"] for g in gathered)),
-                "level0_pixels_read": float(sum(g["level0_pixels"] for g in gathered)),
-                "train_steps_per_worker": float(max(g["steps"] for g in gathered)),
-                "slides_skipped_in_training": float(len(bad_slides)),
-                "bad_slides": json.dumps(bad_slides, sort_keys=True),
-            }
-            primary = _primary_metric(config.task)
-            metrics["val_primary"] = metrics.get(primary, float("nan"))
-
+            metrics = _epoch_metrics(config, epoch, gathered, optimizer)
             if rank == 0:
                 # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
-                sys.stdout.write(_epoch_line(metrics, config.train.epochs, primary) + "\n")
+                sys.stdout.write(_epoch_line(metrics, config.train.epochs, _primary_metric(config.task)) + "\n")
+                if metrics.get("attention_warning"):
+                    sys.stdout.write(f"[train] WARNING at epoch {epoch + 1}: {metrics['attention_warning']}; "
+                                     "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
                 sys.stdout.flush()
-                with tempfile.TemporaryDirectory(prefix="dual-attention-ckpt-") as directory:
-                    save_checkpoint(directory, model, config, extra={
-                        "epoch": epoch, "val_fold": loop_config["val_fold"],
-                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
-                    })
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "epoch": epoch}, Path(directory) / TRAIN_STATE_FILE)
-                    for slide_id, thumbnail, score in overlay_inputs:
-                        save_slide_score_overlay(
-                            Path(directory) / OVERLAY_DIR / f"{slide_id}.png", thumbnail, score,
-                            config.slide.thumbnail_downsample, class_names=config.class_names,
-                            title=f"{slide_id} (label {config.class_names[_label_of(val_slides, slide_id)]}, "
-                                  f"predicted {score.predicted_label}, epoch {epoch})")
-                    (Path(directory) / METRICS_FILE).write_text(json.dumps(
-                        {"metrics": metrics, "val_predictions": all_rows}, indent=1, default=float))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                     checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
+                overlays = [v for v in validated[:int(loop_config.get("overlays_per_epoch", 2))]]
+                _report_with_checkpoint(model, config, optimizer, scheduler, epoch, loop_config["val_fold"],
+                                        metrics, gathered, overlays)
             else:
                 ray.train.report(metrics, checkpoint=None)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        readers.shutdown()
+
+
+class _WorkerTileReaders:
+    """Tile readers of one worker: ``pool``, the Ray tile plane (reader actors this worker starts; the
+    pool holds locks and cannot be shipped, and its actors die with the worker), or ``local``, the same
+    ``TileReader`` code in this process."""
+
+    def __init__(self, loop_config: dict[str, Any], tile_px: int) -> None:
+        from jobs.tile_plane import TilePool, TileReader
+
+        self.tile_px = tile_px
+        self.local = TileReader() if loop_config.get("tile_reader") == "local" else None
+        self.pool = None if self.local else TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
+
+    def read_tiles_fn(self, path: str) -> Callable[[Any], np.ndarray]:
+        from dual_attention.slides import SlideError
+        from jobs.tile_plane import TileRequest
+
+        if self.pool is not None:
+            return self.pool.read_tiles_fn(path, self.tile_px)
+
+        def read_local(boxes: Any) -> np.ndarray:
+            results = self.local.read_batch([TileRequest(path, box) for box in boxes])
+            for result in results:
+                if isinstance(result, SlideError):
+                    raise result
+            return np.stack(results) if results else np.zeros((0, self.tile_px, self.tile_px, 3), np.uint8)
+
+        return read_local
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _worker_examples(slides: Sequence[dict[str, Any]], readers: _WorkerTileReaders, timer: _Timer) -> list[Any]:
+    """Each slide's thumbnail, tissue mask and tumour mask (from the object store, fetched once per worker)
+    with a timed tile reader."""
+    import ray
+
+    from dual_attention.training import SlideExample
+
+    arrays = ray.get([s["arrays_ref"] for s in slides])
+    return [SlideExample(slide_id=s["slide_id"], label=int(s["label"]), thumbnail=thumbnail, tissue_mask=tissue,
+                         level0_dims=tuple(s["level0_dims"]), read_tiles=timer.wrap(readers.read_tiles_fn(s["path"])),
+                         tumour_mask=tumour)
+            for s, (thumbnail, tissue, tumour) in zip(slides, arrays, strict=True)]
+
+
+def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[dict[str, Any]],
+                   optimizer: Any) -> dict[str, Any]:
+    """One epoch's report from every worker's share: mean training terms, validation metrics and
+    diagnostics over all validation slides, timings, and the attention warning at its epoch."""
+    from dual_attention import training
+
+    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
+    val = training.validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
+                                      [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+    val |= training.epoch_diagnostics(rows)
+    terms = training.mean_terms([g["terms"] for g in gathered if g["terms"]])
+    worker_train_s = [g["train_seconds"] for g in gathered]
+    worker_wait_s = [g["train_tile_wait_s"] for g in gathered]
+    bad_slides = {k: v for g in gathered for k, v in g["bad_slides"].items()}
+    metrics: dict[str, Any] = {"epoch": epoch, "phase": training.training_phase(config, epoch)}
+    metrics |= {f"train_{k}": v for k, v in terms.items()}
+    metrics |= {f"val_{k}": v for k, v in val.items()}
+    metrics |= {
+        "lr_sam": optimizer.param_groups[0]["lr"], "lr_agent": optimizer.param_groups[1]["lr"],
+        "epoch_seconds": max(g["epoch_seconds"] for g in gathered),
+        "train_seconds": max(worker_train_s),
+        # per worker, averaged: time inside ReadTiles vs the rest of the training steps
+        "train_tile_wait_seconds": float(np.mean(worker_wait_s)),
+        "train_compute_seconds": float(np.mean([t - w for t, w in zip(worker_train_s, worker_wait_s, strict=True)])),
+        "train_tile_wait_fraction": float(np.sum(worker_wait_s) / max(np.sum(worker_train_s), 1e-9)),
+        "tile_wait_seconds_total": float(sum(g["tile_wait_s"] for g in gathered)),
+        "level0_pixels_read": float(sum(g["level0_pixels"] for g in gathered)),
+        "train_steps_per_worker": float(max(g["steps"] for g in gathered)),
+        "slides_skipped_in_training": float(len(bad_slides)),
+        "bad_slides": json.dumps(bad_slides, sort_keys=True),
+    }
+    metrics["val_primary"] = metrics.get(_primary_metric(config.task), float("nan"))
+    if epoch == config.train.attention_check_epoch:
+        warning = training.attention_has_not_moved(val)
+        metrics["attention_warning"] = warning or ""
+    return metrics
+
+
+def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any, epoch: int,
+                            val_fold: int, metrics: dict[str, Any], gathered: Sequence[dict[str, Any]],
+                            overlays: Sequence[Any]) -> None:
+    """Rank 0: the checkpoint (weights + config, optimiser state, validation overlays of a fixed set of
+    slides, the epoch's predictions) reported with the epoch's metrics."""
+    import ray.train
+    import torch
+
+    from dual_attention.checkpoint import save_checkpoint
+    from jobs.overlays import save_slide_score_overlay
+
+    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
+    with tempfile.TemporaryDirectory(prefix="dual-attention-ckpt-") as directory:
+        save_checkpoint(directory, model, config, extra={
+            "epoch": epoch, "val_fold": val_fold,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) or k == "phase"},
+        })
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+                   Path(directory) / TRAIN_STATE_FILE)
+        for validated in overlays:
+            example, score = validated.example, validated.score
+            save_slide_score_overlay(
+                Path(directory) / OVERLAY_DIR / f"{example.slide_id}.png", example.thumbnail, score,
+                config.slide.thumbnail_downsample, class_names=config.class_names,
+                title=f"{example.slide_id} (label {config.class_names[example.label]}, "
+                      f"predicted {score.predicted_label}, epoch {epoch + 1})")
+        (Path(directory) / METRICS_FILE).write_text(json.dumps(
+            {"metrics": metrics, "val_predictions": rows}, indent=1, default=float))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
 
 
 def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
@@ -439,10 +329,6 @@ def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
     return str(path)
 
 
-def _label_of(slides: Sequence[dict[str, Any]], slide_id: str) -> int:
-    return next(s["label"] for s in slides if s["slide_id"] == slide_id)
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if not math.isfinite(value) else f"{value:.4g}"
@@ -450,9 +336,14 @@ def _fmt(value: Any) -> str:
 
 
 def _epoch_line(metrics: dict[str, Any], epochs: int, primary: str) -> str:
+    """The progress line: losses, whether the attention has moved (entropy 1 = flat; on tumour ÷ share
+    1 = blind to tumour), how well the agent reads, whether its glimpses differ between tiles, and time."""
     return (f"[train] epoch {metrics['epoch'] + 1}/{epochs} ({metrics['phase']}) "
             f"l_j={_fmt(metrics.get('train_l_j'))} l_sa={_fmt(metrics.get('train_l_sa'))} "
-            f"l_ha={_fmt(metrics.get('train_l_ha'))} val_acc={_fmt(metrics.get('val_accuracy'))} "
+            f"l_ha={_fmt(metrics.get('train_l_ha'))} tile_acc={_fmt(metrics.get('train_tile_accuracy'))} "
+            f"attn_entropy={_fmt(metrics.get('val_attention_entropy'))} "
+            f"attn_on_tumour={_fmt(metrics.get('val_attention_tumour_ratio'))} "
+            f"glimpse_spread={_fmt(metrics.get('val_glimpse_spread'))} val_acc={_fmt(metrics.get('val_accuracy'))} "
             f"{primary}={_fmt(metrics.get(primary))} tile_wait={_fmt(metrics['train_tile_wait_fraction'])} "
             f"{metrics['epoch_seconds']:.1f}s")
 
@@ -472,7 +363,7 @@ class SlideRecord:
 @dataclass
 class PreparedCohort:
     slides: list[SlideRecord]
-    arrays_refs: dict[str, Any]  # slide_id -> ObjectRef of (thumbnail, tissue_mask)
+    arrays_refs: dict[str, Any]  # slide_id -> ObjectRef of (thumbnail, tissue_mask, tumour_mask or None)
     skipped: list[dict[str, str]] = field(default_factory=list)  # slide_id, path, reason
 
 
@@ -482,6 +373,7 @@ def prepare_cohort(manifest_path: str | Path, config: DualAttentionConfig, cache
     import ray
 
     from dual_attention.manifest import read_manifest
+    from dual_attention.slides import SlideError, read_tumour_mask
     from jobs import preprocess
 
     table = read_manifest(manifest_path)
@@ -499,9 +391,15 @@ def prepare_cohort(manifest_path: str | Path, config: DualAttentionConfig, cache
         if result.error is not None:
             skipped.append({"slide_id": row["slide_id"], "path": row["path"], "reason": str(result.error)})
             continue
+        tumour = None
+        if row.get("tumour_mask_path"):  # diagnostics only (attention on tumour); never a training signal
+            try:
+                tumour = read_tumour_mask(row["tumour_mask_path"], result.tissue_mask.shape)
+            except SlideError as error:
+                print(f"[train] slide {row['slide_id']}: {error}; no attention-on-tumour figure for it", flush=True)
         slides.append(SlideRecord(slide_id=row["slide_id"], path=row["path"], label=int(row["label"]),
                                   fold=int(row["fold"]), level0_dims=tuple(result.level0_dims)))
-        refs[row["slide_id"]] = ray.put((result.thumbnail, result.tissue_mask))
+        refs[row["slide_id"]] = ray.put((result.thumbnail, result.tissue_mask, tumour))
     return PreparedCohort(slides=slides, arrays_refs=refs, skipped=skipped)
 
 
@@ -785,9 +683,10 @@ def _combined_metrics(config: DualAttentionConfig, outcomes: list[FoldOutcome]) 
     rows = [r for o in outcomes for r in o.val_predictions]
     if not rows:
         return {}
-    return validation_metrics(config.task, config.num_classes, [r["label"] for r in rows],
-                              [r["predicted"] for r in rows], [r["probabilities"] for r in rows],
-                              [r["confidence"] for r in rows])
+    from dual_attention.training import validation_metrics
+
+    return validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
+                              [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
 
 
 def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:

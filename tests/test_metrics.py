@@ -84,3 +84,30 @@ def test_mmr_aggregation_is_the_mean_probability() -> None:
 def test_combine_fold_probabilities_is_the_mean() -> None:
     predicted, confidence, mean = metrics.combine_fold_probabilities([[0.6, 0.4], [0.2, 0.8], [0.4, 0.6]])
     assert predicted == 1 and confidence == pytest.approx(0.6) and mean.tolist() == pytest.approx([0.4, 0.6])
+
+
+def test_attention_diagnostics() -> None:
+    from dual_attention.slides import Level0Box
+
+    tissue = np.zeros((10, 10), bool)
+    tissue[:, :8] = True  # 80 tissue pixels
+    tumour = np.zeros((10, 10), bool)
+    tumour[:, :2] = True  # 20 of them: share 0.25
+    flat = np.where(tissue, 1 / 80, 0.0)
+    assert metrics.attention_entropy_normalised(flat, tissue) == pytest.approx(1.0)
+    assert metrics.attention_on_tumour_ratio(flat, tissue, tumour) == pytest.approx(1.0)
+    on_tumour = np.where(tumour, 1 / 20, 0.0)
+    assert metrics.attention_on_tumour_ratio(on_tumour, tissue, tumour) == pytest.approx(4.0)  # 1 / share
+    assert metrics.attention_entropy_normalised(on_tumour, tissue) == pytest.approx(np.log(20) / np.log(80))
+    assert np.isnan(metrics.attention_on_tumour_ratio(flat, tissue, np.zeros_like(tumour)))
+    boxes = [Level0Box(0, 0, 64, 64), Level0Box(96, 0, 64, 64)]  # thumbnail cols 0-1 and 3-4 at 1/32
+    assert metrics.tumour_fraction_of_boxes(boxes, tumour, 32) == [1.0, 0.0]
+
+
+def test_glimpse_spread_is_zero_for_one_path_for_every_tile() -> None:
+    one_path = np.tile(np.array([[0.1, 0.2], [0.5, -0.5], [0.9, 0.9]]), (6, 1, 1))
+    one_path[:, 0] = np.random.default_rng(0).uniform(-1, 1, (6, 2))  # a random first glimpse alone
+    assert metrics.glimpse_spread(one_path) == 0.0
+    apart = one_path.copy()
+    apart[:, 1:] += np.random.default_rng(1).uniform(-0.5, 0.5, (6, 2, 2))
+    assert metrics.glimpse_spread(apart) > 0.1

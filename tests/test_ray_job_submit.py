@@ -127,8 +127,8 @@ def test_training_runs_as_a_ray_job_and_logs_to_the_given_mlflow(job_cluster: st
     client = JobSubmissionClient(job_cluster)
     job_id = _submit_when_agent_ready(
         client,
-        entrypoint=(f"python -m jobs.train --manifest {manifest} --epochs 1 --num-workers 2 --run-dir {run_dir} "
-                    "--all-folds --overlays-per-epoch 1 --model-name job-model --tile-reader local"),
+        entrypoint=(f"python -m jobs.train --manifest {manifest} --epochs 1 --set train.steps_per_epoch=2 "
+                    f"--num-workers 2 --run-dir {run_dir} --all-folds --overlays-per-epoch 1 --model-name job-model --tile-reader local"),
         runtime_env={
             "working_dir": str(PROJECT_ROOT),
             "excludes": [".venv", "data", "runs", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache"],

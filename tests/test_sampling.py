@@ -7,6 +7,7 @@ import pytest
 
 from dual_attention.config import SamplerConfig
 from dual_attention.sampling import (
+    attention_draw,
     attention_region,
     greedy_spread,
     locations_to_level0_boxes,
@@ -167,3 +168,37 @@ def test_tumour_region_on_a_large_map_fits_on_a_subsample() -> None:
                              rng.normal(0.9, 0.01, 40_000)]).reshape(400, 600)
     region = attention_region(values, np.ones_like(values, bool), "tumour", seed=0)
     assert np.array_equal(region, values > 0.7)
+
+
+def test_a_flat_map_is_not_stretched_into_a_range() -> None:
+    """Float noise on a flat map (max/min below 1 + min_contrast) must not pick the same tiles every time:
+    the mask is the whole tissue and the noise decides, as for a constant map."""
+    tissue = np.ones((32, 32), bool)
+    flat = np.full((32, 32), 1 / 1024) * (1 + 1e-5 * np.random.default_rng(0).standard_normal((32, 32)))
+    config = SamplerConfig(n_tiles=4, n_candidates=8, min_distance_thumb_px=3.0)
+    picks = [tuple(map(tuple, sample_locations(flat, tissue, config, "positive", np.random.default_rng(s))
+                   .centers_thumb_rc)) for s in range(5)]
+    assert len(set(picks)) == 5  # different seeds, different tiles: the noise decides
+    peaked = flat.copy()
+    peaked[10:14, 10:14] *= 3.0  # contrast well above min_contrast: the map decides
+    for s in range(5):
+        centers = sample_locations(peaked, tissue, config, "positive", np.random.default_rng(s)).centers_thumb_rc
+        assert all(10 <= r < 14 and 10 <= c < 14 for r, c in centers[:1])
+
+
+def test_attention_draw_follows_the_attention_and_keeps_tiles_apart() -> None:
+    tissue = np.ones((40, 40), bool)
+    attention = np.full((40, 40), 1.0)
+    attention[:10, :10] = 200.0  # 1/16 of the area, ~93% of the mass
+    attention /= attention.sum()
+    config = SamplerConfig(n_tiles=3, n_candidates=6, min_distance_thumb_px=3.0)
+    hits, draws = 0, 200
+    for s in range(draws):
+        sampled = attention_draw(attention, tissue, config, np.random.default_rng(s))
+        centers = sampled.centers_thumb_rc
+        assert len(centers) == 3
+        gaps = [np.hypot(*(a - b)) for i, a in enumerate(centers) for b in centers[i + 1:]]
+        assert min(gaps) >= 3.0
+        hits += int((centers < 10).all(axis=1).sum())
+    assert hits / (3 * draws) > 0.8  # most draws land where the mass is
+    assert hits / (3 * draws) < 1.0  # but the draw still explores

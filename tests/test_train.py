@@ -15,7 +15,8 @@ from dual_attention.checkpoint import load_checkpoint
 from dual_attention.config import preset
 from dual_attention.manifest import read_manifest, write_manifest
 from dual_attention.models import DualAttentionModel
-from jobs.train import build_optimizer, class_balanced_batches, main, steps_per_epoch
+from dual_attention.training import build_optimizer, class_balanced_batches, steps_per_epoch
+from jobs.train import main
 
 # -- units ---------------------------------------------------------------------------------------------------
 
@@ -86,10 +87,11 @@ def test_resume_from_a_finished_checkpoint_asks_for_more_epochs(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     from dual_attention.checkpoint import save_checkpoint
 
-    config = preset("cpu-small")  # 4 epochs
-    save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config, extra={"epoch": 3})
+    config = preset("cpu-small")
+    epochs = config.train.epochs
+    save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config, extra={"epoch": epochs - 1})
     assert main(["--resume", str(tmp_path / "ckpt"), "--manifest", str(tmp_path / "unused.parquet")]) == 2
-    assert "pass --epochs greater than 4" in capsys.readouterr().err
+    assert f"pass --epochs greater than {epochs}" in capsys.readouterr().err
 
 
 # -- a real run ------------------------------------------------------------------------------------------------
@@ -121,8 +123,10 @@ def _mlflow_client(run_dir: Path):  # noqa: ANN202
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster: None, cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("train-run") / "run"
+    # 2 steps per epoch: the test is about the job's plumbing (the learning has its own tests and benchmark)
     code = main(["--manifest", str(cohort), "--preset", "cpu-small", "--epochs", "2", "--num-workers", "2",
-                 "--val-fold", "1", "--run-dir", str(run_dir), "--device", "cpu", "--overlays-per-epoch", "1"])
+                 "--set", "train.steps_per_epoch=2", "--val-fold", "1", "--run-dir", str(run_dir),
+                 "--device", "cpu", "--overlays-per-epoch", "1"])
     assert code == 0
     return run_dir
 

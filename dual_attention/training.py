@@ -1,0 +1,554 @@
+"""Training the dual attention model, without Ray: one step, one epoch, validation.
+
+The Ray Train worker (``jobs.train``) and the in-process benchmarks call these; Ray never appears here.
+
+One step (``training_step``), per slide of a batch with every class present:
+
+1. the SAM's attention over the thumbnail (a softmax over tissue), with gradient while L_SA is on;
+2. N tiles drawn from that attention (``sampler.train_sampler="gumbel"``: Gumbel keys on log-attention,
+   the first N at least ``d_t`` apart: samples of the distribution the SAM's gradient is taken of), read
+   through the slide's ``ReadTiles`` and flipped/rotated at random;
+3. the agent over all tiles (locations drawn, std annealed per optimiser step, a random first glimpse):
+   L_HA = L_θ + δ·(L_bb + L_s);
+4. L_SA. With ``loss.sam_signal="agent_reward"`` (default): REINFORCE through the draw,
+   −Σ_tiles (r − b)·log a(tile) averaged over slides, r = the agent's probability of the slide's label on
+   the tile (detached), b = the slide's mean r; plus β·Σ a log a. Tiles on which the agent reads the
+   label get more attention, tiles without evidence less: the signal does not change sign with the class
+   (the ATS head's does, measured). ``"ats"``: the paper's expectation of tile features into the SAM head.
+5. L_J = L_HA + w·L_SA with w = α^max(0, epoch − ``loss.alpha_hold_epochs``), and w = 0 for the first
+   ``train.sam_warmup_steps`` optimiser steps (the agent must read before its reward means anything).
+
+Separate mode trains one half per phase: with the agent-reward signal the agent first (epochs
+[0, ceil(E/2))), then the SAM on the frozen agent's rewards; with "ats" the SAM first, as before.
+
+``optimise`` wraps one step with the backward pass, the frozen half's gradients cleared and the SAM's
+gradient norm; ``validate`` scores held-out slides with ``pipeline.score_slide`` and measures what the
+attention and the glimpses do (``epoch_diagnostics``). ``attention_has_not_moved`` is the early warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dual_attention import losses, metrics
+from dual_attention.config import DualAttentionConfig
+from dual_attention.expectation import expected_features
+from dual_attention.metrics import aggregate_tile_probabilities
+from dual_attention.models import DualAttentionModel, images_to_tensor
+from dual_attention.pipeline import (
+    ReadTiles,
+    ScoringError,
+    SlideScore,
+    attention_map_of,
+    augment_tiles,
+    check_thumbnail,
+    check_tiles,
+    model_device,
+    score_slide,
+)
+from dual_attention.sampling import attention_draw, locations_to_level0_boxes, sample_locations
+from dual_attention.slides import SlideError
+
+FLAT_ENTROPY = 0.995  # normalised attention entropy above this: the map has not moved from uniform
+MOVED_TUMOUR_RATIO = 1.1  # attention on tumour ÷ tumour's share at or below this: not on tumour
+
+
+@dataclass
+class SlideBatch:
+    thumbnails: list[np.ndarray]
+    tissue_masks: list[np.ndarray]
+    labels: list[int]
+    level0_dims: list[tuple[int, int]]
+    read_tiles: list[ReadTiles]
+    slide_ids: list[str] = field(default_factory=list)  # optional, named in error messages
+    tumour_masks: list[np.ndarray | None] = field(default_factory=list)  # optional, for diagnostics only
+
+
+# -- batches with every class present ----------------------------------------------------------------------
+
+
+def class_balanced_batches(labels: Sequence[int], num_classes: int, slides_per_batch: int, n_batches: int,
+                           rng: np.random.Generator) -> list[list[int]]:
+    """``n_batches`` batches of indices into ``labels``, each holding at least one slide of every class.
+
+    Each class has its own shuffled queue, refilled when used up, so every slide of a class is drawn once
+    before any is drawn twice. A batch takes one slide per class, then fills its remaining places from a
+    queue over all slides (class frequencies as in the data), avoiding repeats inside a batch while it can.
+    """
+    labels = [int(label) for label in labels]
+    if slides_per_batch < num_classes:
+        raise ValueError(
+            f"train.slides_per_batch ({slides_per_batch}) must be at least the number of classes ({num_classes}) "
+            "so that every class is present in a batch"
+        )
+    by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in range(num_classes)}
+    missing = [c for c, members in by_class.items() if not members]
+    if missing:
+        raise ValueError(f"no training slide of class(es) {missing}: a batch with every class present is impossible")
+
+    def queue(members: list[int]) -> Callable[[], int]:
+        pending: list[int] = []
+
+        def take() -> int:
+            if not pending:
+                pending.extend(int(i) for i in rng.permutation(members))
+            return pending.pop()
+
+        return take
+
+    take_class = {c: queue(members) for c, members in by_class.items()}
+    take_any = queue(list(range(len(labels))))
+    batches: list[list[int]] = []
+    for _ in range(n_batches):
+        batch = [take_class[c]() for c in range(num_classes)]
+        attempts = 0
+        while len(batch) < slides_per_batch:
+            index = take_any()
+            attempts += 1
+            if index not in batch or attempts > 4 * len(labels):
+                batch.append(index)
+        batches.append([batch[i] for i in rng.permutation(len(batch))])
+    return batches
+
+
+def steps_per_epoch(config: DualAttentionConfig, n_train_slides: int, world_size: int) -> int:
+    """Steps each worker takes per epoch: ``train.steps_per_epoch``, or one pass over the training slides."""
+    if config.train.steps_per_epoch > 0:
+        return config.train.steps_per_epoch
+    return max(1, math.ceil(n_train_slides / (config.train.slides_per_batch * world_size)))
+
+
+# -- schedules -----------------------------------------------------------------------------------------------
+
+
+def training_phase(config: DualAttentionConfig, epoch: int) -> str:
+    """"joint"; in separate mode "agent" then "sam" (agent-reward signal: the SAM learns from a trained
+    agent's rewards), or "sam" then "agent" (ATS signal), switching at epoch ceil(E/2)."""
+    if config.train.mode == "joint":
+        return "joint"
+    first, second = ("agent", "sam") if config.loss.sam_signal == "agent_reward" else ("sam", "agent")
+    return first if epoch < math.ceil(config.train.epochs / 2) else second
+
+
+def sam_loss_weight(config: DualAttentionConfig, epoch: int, global_step: int) -> float:
+    """The weight of L_SA in this step: α^max(0, epoch − hold) in joint mode, 1 in the SAM phase of
+    separate mode, 0 during the agent's warm-up steps and in the agent phase."""
+    phase = training_phase(config, epoch)
+    if phase == "agent":
+        return 0.0
+    if phase == "sam":
+        return 1.0
+    if global_step < config.train.sam_warmup_steps:
+        return 0.0
+    return config.loss.alpha ** max(0, epoch - config.loss.alpha_hold_epochs)
+
+
+def location_std(config: DualAttentionConfig, global_step: int) -> float:
+    """The policy's std at this optimiser step: linear from ``location_std_start`` to ``location_std``
+    over ``location_std_anneal_steps`` steps, then constant."""
+    agent = config.agent
+    if agent.location_std_anneal_steps <= 0:
+        return agent.location_std
+    progress = min(1.0, global_step / agent.location_std_anneal_steps)
+    return agent.location_std_start + progress * (agent.location_std - agent.location_std_start)
+
+
+# -- one step --------------------------------------------------------------------------------------------------
+
+
+def _draw(attention: np.ndarray, tissue: np.ndarray, config: DualAttentionConfig, rng: np.random.Generator):
+    if config.sampler.train_sampler == "gumbel":
+        return attention_draw(attention, tissue, config.sampler, rng)
+    return sample_locations(attention, tissue, config.sampler, config.soft_attention.attention_mask, rng)
+
+
+def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, config: DualAttentionConfig,
+                  rng: np.random.Generator, augment: bool = True, global_step: int = 0
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch of slides -> (loss to back-propagate, its terms as floats); see the module docstring.
+
+    Slides with no tissue are skipped and counted (``slides_skipped``); a batch with none left raises
+    ``ScoringError``. Terms not computed in this step are NaN."""
+    phase = training_phase(config, epoch)
+    sam_weight = sam_loss_weight(config, epoch, global_step)
+    train_sam, train_agent = sam_weight > 0, phase in ("joint", "agent")
+    ats = config.loss.sam_signal == "ats"
+    n_slides = len(batch.thumbnails)
+    if not (len(batch.tissue_masks) == len(batch.labels) == len(batch.level0_dims) == len(batch.read_tiles)
+            == n_slides) or n_slides == 0:
+        raise ValueError("SlideBatch fields must be non-empty lists of the same length")
+    tile_px = config.tile.tile_level0_px
+    downsample = config.slide.thumbnail_downsample
+    device = model_device(model)
+    model.agent.location.std = location_std(config, global_step)
+
+    slide_tiles, slide_labels, attention_maps, attention_at_tiles = [], [], [], []
+    entropies, tumour_ratios, tumour_fractions = [], [], []
+    skipped = 0
+    for i in range(n_slides):
+        what = f"slide {batch.slide_ids[i] if i < len(batch.slide_ids) else i}"
+        check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
+        tissue = batch.tissue_masks[i].astype(bool)
+        with torch.set_grad_enabled(train_sam):
+            attention = attention_map_of(model, batch.thumbnails[i], tissue)
+        attention_np = attention.detach().cpu().numpy().astype(np.float64)
+        sampled = _draw(attention_np, tissue, config, rng)
+        centers = sampled.centers_thumb_rc
+        if len(centers) == 0:
+            skipped += 1
+            continue
+        boxes = locations_to_level0_boxes(centers, downsample, tile_px, batch.level0_dims[i])
+        tiles = check_tiles(batch.read_tiles[i](boxes), len(boxes), tile_px, what)
+        if augment:
+            tiles = augment_tiles(tiles, rng)
+        slide_tiles.append(images_to_tensor(tiles).to(device))
+        slide_labels.append(int(batch.labels[i]))
+        attention_maps.append(attention)
+        attention_at_tiles.append(attention[torch.as_tensor(centers[:, 0], device=device),
+                                            torch.as_tensor(centers[:, 1], device=device)])
+        entropies.append(metrics.attention_entropy_normalised(attention_np, tissue))
+        tumour = batch.tumour_masks[i] if i < len(batch.tumour_masks) else None
+        if tumour is not None:
+            tumour_ratios.append(metrics.attention_on_tumour_ratio(attention_np, tissue, tumour))
+            tumour_fractions += metrics.tumour_fraction_of_boxes(boxes, tumour, downsample)
+    if skipped == n_slides:
+        raise ScoringError(f"training_step: none of the {n_slides} slides had tissue to sample")
+
+    all_tiles = torch.cat(slide_tiles)
+    tile_labels = torch.as_tensor([label for t, label in zip(slide_tiles, slide_labels, strict=True)
+                                   for _ in range(len(t))], device=device)
+    generator = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
+    with torch.set_grad_enabled(train_agent):
+        output = model.agent(all_tiles, generator=generator)
+    last_log_probs = output.class_log_probs[:, -1].detach()
+    reward = last_log_probs.gather(1, tile_labels[:, None])[:, 0].exp()  # p(label) per tile
+
+    nan = float("nan")
+    total = torch.zeros((), device=device)
+    terms: dict[str, float] = {}
+    sizes = [len(t) for t in slide_tiles]
+    slide_probs = [p.exp().cpu().numpy() for p in torch.split(last_log_probs, sizes)]
+    slide_correct = [aggregate_tile_probabilities(p, config.task)[0] == label
+                     for p, label in zip(slide_probs, slide_labels, strict=True)]
+    if train_sam:
+        neg_entropy = torch.stack([losses.entropy_term(a) for a in attention_maps]).mean()
+        if ats:
+            features = model.tile_features(torch.cat(slide_tiles))
+            expected = [expected_features(a, f) for a, f in zip(attention_at_tiles, torch.split(features, sizes),
+                                                                 strict=True)]
+            sam_logits = model.sam_head(torch.stack(expected))
+            labels_t = torch.as_tensor(slide_labels, device=device)
+            signal = torch.nn.functional.cross_entropy(sam_logits, labels_t)
+            sam_accuracy = float((sam_logits.argmax(1) == labels_t).float().mean())
+        else:
+            signal = losses.attention_reinforce_loss(attention_at_tiles, torch.split(reward, sizes))
+            sam_accuracy = float(np.mean(slide_correct))
+        l_sa = signal + config.loss.beta * neg_entropy
+        total = total + sam_weight * l_sa
+        terms |= {"l_sa": l_sa.item(), "sam_signal": signal.item(), "sam_neg_entropy": neg_entropy.item(),
+                  "sam_accuracy": sam_accuracy}
+    else:
+        terms |= {"l_sa": nan, "sam_signal": nan, "sam_neg_entropy": nan, "sam_accuracy": nan}
+    if train_agent:
+        agent = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
+                                    tile_labels, config.agent.glimpse_px / tile_px, config.loss.delta)
+        total = total + agent.l_ha
+        terms |= {"l_ha": agent.l_ha.item(), "l_theta": agent.l_theta.item(), "reinforce": agent.reinforce.item(),
+                  "nll": agent.nll.item(), "baseline_mse": agent.baseline_mse.item(), "l_bb": agent.l_bb.item(),
+                  "l_s": agent.l_s.item(), "tile_accuracy": agent.accuracy_last_step,
+                  "mean_reward": agent.mean_reward}
+    else:
+        terms |= {k: nan for k in ("l_ha", "l_theta", "reinforce", "nll", "baseline_mse", "l_bb", "l_s",
+                                   "tile_accuracy", "mean_reward")}
+    terms |= {
+        "l_j": total.item(), "sam_weight": sam_weight, "location_std": model.agent.location.std,
+        "slide_accuracy": float(np.mean(slide_correct)), "tile_p_label": float(reward.mean()),
+        "attention_entropy": _mean(entropies), "attention_tumour_ratio": _mean(tumour_ratios),
+        "tiles_tumour_fraction": _mean(tumour_fractions),
+        "glimpse_spread": metrics.glimpse_spread(output.locations.cpu().numpy()),
+        "n_tiles": float(len(all_tiles)), "slides_skipped": float(skipped), "trains_sam": float(train_sam),
+        "trains_agent": float(train_agent),
+    }
+    return total, terms
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+class TrainingStep(nn.Module):
+    """``training_step`` inside ``forward``, so that a DDP wrapper's gradient hooks see the step."""
+
+    def __init__(self, model: DualAttentionModel, config: DualAttentionConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(self, batch: SlideBatch, epoch: int, rng: np.random.Generator, global_step: int
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        return training_step(self.model, batch, epoch, self.config, rng, augment=True, global_step=global_step)
+
+
+def sam_side_modules(model: DualAttentionModel) -> list[nn.Module]:
+    return [model.soft_attention, model.tile_features, model.sam_head]
+
+
+def build_optimizer(model: DualAttentionModel, config: DualAttentionConfig) -> tuple[Any, Any]:
+    """Adam with ``lr_sam`` for SAM + f_f + SAM head and ``lr_agent`` for the agent; StepLR per epoch."""
+    sam_params = [p for module in sam_side_modules(model) for p in module.parameters()]
+    agent_params = list(model.agent.parameters())
+    covered = {id(p) for p in sam_params + agent_params}
+    rest = [p for p in model.parameters() if id(p) not in covered]
+    groups = [{"params": sam_params, "lr": config.train.lr_sam, "name": "sam"},
+              {"params": agent_params + rest, "lr": config.train.lr_agent, "name": "agent"}]
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_step_size,
+                                                gamma=config.train.lr_gamma)
+    return optimizer, scheduler
+
+
+def optimise(step_module: nn.Module, model: DualAttentionModel, optimizer: torch.optim.Optimizer,
+             batch: SlideBatch, epoch: int, config: DualAttentionConfig, rng: np.random.Generator,
+             global_step: int) -> dict[str, float]:
+    """One optimiser step through ``step_module`` (``TrainingStep``, DDP-wrapped or not); returns the
+    step's terms plus the SAM's gradient norm. The half that a separate-mode phase freezes keeps its
+    weights (Adam would move them on zero gradients)."""
+    loss, terms = step_module(batch, epoch, rng, global_step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    phase = training_phase(config, epoch)
+    if phase != "joint":
+        sam_side = {id(p) for module in sam_side_modules(model) for p in module.parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if (id(p) in sam_side) != (phase == "sam"):
+                    p.grad = None
+    grads = [p.grad for p in model.soft_attention.parameters() if p.grad is not None]
+    terms["sam_grad_norm"] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads \
+        else 0.0
+    optimizer.step()
+    return terms
+
+
+def optimise_skipping_bad_slides(step_module: nn.Module, model: DualAttentionModel, optimizer: torch.optim.Optimizer,
+                                 make_batch: Callable[[Sequence[str]], SlideBatch], slide_ids: Sequence[str],
+                                 epoch: int, config: DualAttentionConfig, rng: np.random.Generator, global_step: int,
+                                 bad_slides: dict[str, str], slide_of_path: Callable[[str], str]) -> dict[str, float]:
+    """``optimise`` on the batch of ``slide_ids``; a slide whose tiles cannot be read (``SlideError``)
+    leaves the batch, and training, for good (recorded in ``bad_slides``), and the step is retried
+    without it. Raises the error when no slide of the batch is left."""
+    while True:
+        members = [s for s in slide_ids if s not in bad_slides]
+        try:
+            return optimise(step_module, model, optimizer, make_batch(members), epoch, config, rng, global_step)
+        except SlideError as error:
+            bad_slides[slide_of_path(error.path)] = str(error)
+            if not [s for s in members if s not in bad_slides]:
+                raise
+
+
+# -- validation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlideExample:
+    """A slide as training and validation see it."""
+
+    slide_id: str
+    label: int
+    thumbnail: np.ndarray
+    tissue_mask: np.ndarray
+    level0_dims: tuple[int, int]
+    read_tiles: ReadTiles
+    tumour_mask: np.ndarray | None = None
+
+
+@dataclass
+class ValidatedSlide:
+    example: SlideExample
+    seed: int
+    score: SlideScore
+
+
+def validate(model: DualAttentionModel, config: DualAttentionConfig, examples: Sequence[SlideExample],
+             seed_of: Callable[[str], int], bad_slides: dict[str, str]) -> list[ValidatedSlide]:
+    """Score each example with ``pipeline.score_slide`` (evaluation mode, its own seed); a slide that
+    cannot be read or scored goes into ``bad_slides`` and is left out."""
+    was_training = model.training
+    model.eval()
+    scored: list[ValidatedSlide] = []
+    try:
+        for example in examples:
+            if example.slide_id in bad_slides:
+                continue
+            seed = seed_of(example.slide_id)
+            try:
+                with torch.no_grad():
+                    score = score_slide(model, example.thumbnail, example.tissue_mask, example.level0_dims,
+                                        example.read_tiles, config, seed=seed)
+            except (SlideError, ScoringError) as error:
+                bad_slides[example.slide_id] = str(error)
+                continue
+            scored.append(ValidatedSlide(example, seed, score))
+    finally:
+        model.train(was_training)
+    return scored
+
+
+def prediction_row(validated: ValidatedSlide, config: DualAttentionConfig) -> dict[str, Any]:
+    """One validation prediction, with the slide's attention and glimpse diagnostics."""
+    example, score = validated.example, validated.score
+    tissue = example.tissue_mask.astype(bool)
+    row: dict[str, Any] = {
+        "slide_id": example.slide_id, "label": example.label, "predicted": score.predicted_class,
+        "probabilities": score.class_probabilities, "confidence": score.confidence,
+        "attention_entropy": metrics.attention_entropy_normalised(score.attention_map, tissue),
+        "attention_tumour_ratio": float("nan"), "tiles_tumour_fraction": float("nan"),
+        "glimpse_trails": [[list(point) for point in _trail_in_tile(t)] for t in score.tiles],
+    }
+    if example.tumour_mask is not None:
+        row["attention_tumour_ratio"] = metrics.attention_on_tumour_ratio(score.attention_map, tissue,
+                                                                          example.tumour_mask)
+        row["tiles_tumour_fraction"] = _mean(metrics.tumour_fraction_of_boxes(
+            [t.level0_box for t in score.tiles], example.tumour_mask, config.slide.thumbnail_downsample))
+    return row
+
+
+def _trail_in_tile(tile: Any) -> list[tuple[float, float]]:
+    """A tile's glimpse trail in [-1, 1]² of the tile (the frame ``glimpse_spread`` compares)."""
+    box = tile.level0_box
+    return [(2.0 * (x - box.x0) / box.width - 1.0, 2.0 * (y - box.y0) / box.height - 1.0)
+            for x, y in tile.glimpse_trail_level0]
+
+
+def epoch_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """What the attention and the glimpses did on the validation slides: mean normalised attention
+    entropy, attention on tumour ÷ tumour share, tumour fraction of the sampled tiles, and the spread of
+    glimpse locations across all validation tiles."""
+    trails = [trail for row in rows for trail in row["glimpse_trails"]]
+    return {
+        "attention_entropy": _mean([r["attention_entropy"] for r in rows]),
+        "attention_tumour_ratio": _mean([r["attention_tumour_ratio"] for r in rows]),
+        "tiles_tumour_fraction": _mean([r["tiles_tumour_fraction"] for r in rows]),
+        "glimpse_spread": metrics.glimpse_spread(np.asarray(trails)) if trails else float("nan"),
+    }
+
+
+def attention_has_not_moved(diagnostics: dict[str, float]) -> str | None:
+    """A warning when the validation attention is still flat, or (where tumour masks exist) no more on
+    tumour than chance; None when it has moved."""
+    entropy, ratio = diagnostics.get("attention_entropy", float("nan")), diagnostics.get("attention_tumour_ratio",
+                                                                                         float("nan"))
+    if math.isfinite(entropy) and entropy > FLAT_ENTROPY:
+        return f"the attention map is still flat (normalised entropy {entropy:.4f} > {FLAT_ENTROPY})"
+    if math.isfinite(ratio) and ratio <= MOVED_TUMOUR_RATIO:
+        return (f"the attention is not on tumour (mass on tumour ÷ tumour share {ratio:.2f} <= "
+                f"{MOVED_TUMOUR_RATIO})")
+    return None
+
+
+def validation_metrics(task: str, labels: Sequence[int], predicted: Sequence[int],
+                       probabilities: Sequence[Sequence[float]], confidence: Sequence[float]) -> dict[str, float]:
+    """Slide-level metrics from ``dual_attention.metrics``: accuracy, macro F1, AUROC (when both sides of
+    every class are present) and, for HER2, contest agreement points, combined points, weighted confidence."""
+    out: dict[str, float] = {"n_slides": float(len(labels))}
+    if not labels:
+        return out
+    truth = np.asarray(labels, dtype=np.int64)
+    pred = np.asarray(predicted, dtype=np.int64)
+    out["accuracy"] = float((truth == pred).mean())
+    out["f1_macro"] = metrics.f1(truth, pred)
+    try:
+        out["auroc"] = metrics.auroc(truth, np.asarray(probabilities, dtype=np.float64))
+    except ValueError:  # a single class among the validation slides: AUROC is undefined
+        out["auroc"] = float("nan")
+    if task == "her2":
+        out["her2_points"] = float(metrics.her2_agreement_points(truth, pred))
+        out["her2_points_fraction"] = out["her2_points"] / (15.0 * len(truth))
+        out["combined_points"] = metrics.combined_points(truth, pred, confidence)
+        out["weighted_confidence"] = metrics.weighted_confidence(truth, pred, confidence)
+    return out
+
+
+# -- the whole loop, in one process ------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train: dict[str, float]  # mean step terms
+    val: dict[str, float]  # slide metrics + diagnostics
+    seconds: float
+    warning: str | None = None
+
+
+def fit(model: DualAttentionModel, config: DualAttentionConfig, train_examples: Sequence[SlideExample],
+        val_examples: Sequence[SlideExample] = (), seed_of: Callable[[str], int] | None = None,
+        on_epoch: Callable[[EpochRecord], None] | None = None, validate_every: int = 1) -> list[EpochRecord]:
+    """``config.train.epochs`` epochs of class-balanced batches through ``optimise`` in this process (no
+    DDP), validating every ``validate_every`` epochs and at the end. The Ray Train worker runs the same
+    steps over its share of the batches."""
+    import time
+
+    from dual_attention.pipeline import slide_seed
+
+    seed = config.train.seed
+    seed_of = seed_of or (lambda slide_id: slide_seed(seed, slide_id))
+    optimizer, scheduler = build_optimizer(model, config)
+    step_module = TrainingStep(model, config)
+    by_id = {e.slide_id: e for e in train_examples}
+    ids = [e.slide_id for e in train_examples]
+    n_steps = steps_per_epoch(config, len(train_examples), 1)
+    bad_slides: dict[str, str] = {}
+    history: list[EpochRecord] = []
+    global_step = 0
+    model.train()
+    for epoch in range(config.train.epochs):
+        started = time.perf_counter()
+        live = [i for i in ids if i not in bad_slides]
+        plan = class_balanced_batches([by_id[i].label for i in live], config.num_classes,
+                                      config.train.slides_per_batch, n_steps, np.random.default_rng([seed, epoch]))
+        step_terms = []
+        for step, indices in enumerate(plan):
+            rng = np.random.default_rng([seed, epoch, step, 0])
+            step_terms.append(optimise_skipping_bad_slides(
+                step_module, model, optimizer, lambda members: batch_of([by_id[m] for m in members]),
+                [live[i] for i in indices], epoch, config, rng, global_step, bad_slides, lambda path: path))
+            global_step += 1
+        scheduler.step()
+        val: dict[str, float] = {}
+        warning = None
+        if val_examples and ((epoch + 1) % validate_every == 0 or epoch == config.train.epochs - 1):
+            rows = [prediction_row(v, config) for v in validate(model, config, val_examples, seed_of, bad_slides)]
+            val = validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
+                                     [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+            val |= epoch_diagnostics(rows)
+            if epoch == config.train.attention_check_epoch:
+                warning = attention_has_not_moved(val)
+        record = EpochRecord(epoch, mean_terms(step_terms), val, time.perf_counter() - started, warning)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
+
+
+def batch_of(examples: Sequence[SlideExample]) -> SlideBatch:
+    return SlideBatch(
+        thumbnails=[e.thumbnail for e in examples], tissue_masks=[e.tissue_mask for e in examples],
+        labels=[e.label for e in examples], level0_dims=[e.level0_dims for e in examples],
+        read_tiles=[e.read_tiles for e in examples], slide_ids=[e.slide_id for e in examples],
+        tumour_masks=[e.tumour_mask for e in examples])
+
+
+def mean_terms(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over steps, ignoring NaN (terms a phase did not compute)."""
+    keys = sorted({k for d in dicts for k in d})
+    return {key: _mean([d[key] for d in dicts if key in d]) for key in keys}
