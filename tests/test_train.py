@@ -44,7 +44,7 @@ def test_batch_sampler_refuses_impossible_plans_naming_the_cause() -> None:
 
 
 def test_steps_per_epoch_covers_the_training_slides_once_across_workers() -> None:
-    config = preset("cpu-small")  # 4 slides per batch
+    config = preset("cpu-small").with_overrides({"train.steps_per_epoch": 0})  # 4 slides per batch, one pass
     assert steps_per_epoch(config, 16, 2) == 2
     assert steps_per_epoch(config, 17, 2) == 3
     assert steps_per_epoch(config.with_overrides({"train.steps_per_epoch": 5}), 16, 2) == 5
@@ -125,7 +125,8 @@ def trained_run(ray_cluster: None, cohort: Path, tmp_path_factory: pytest.TempPa
     run_dir = tmp_path_factory.mktemp("train-run") / "run"
     # 2 steps per epoch: the test is about the job's plumbing (the learning has its own tests and benchmark)
     code = main(["--manifest", str(cohort), "--preset", "cpu-small", "--epochs", "2", "--num-workers", "2",
-                 "--set", "train.steps_per_epoch=2", "--val-fold", "1", "--run-dir", str(run_dir),
+                 "--set", "train.steps_per_epoch=2", "--set", "train.sam_warmup_steps=0", "--val-fold", "1",
+                 "--run-dir", str(run_dir),
                  "--device", "cpu", "--overlays-per-epoch", "1"])
     assert code == 0
     return run_dir
