@@ -286,7 +286,8 @@ def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[d
     metrics["val_primary"] = metrics.get(_primary_metric(config.task), float("nan"))
     if epoch == config.train.attention_check_epoch:
         warning = training.attention_has_not_moved(val)
-        metrics["attention_warning"] = warning or ""
+        metrics["attention_warning"] = warning or ""  # printed by rank 0
+        metrics["attention_moved"] = 0.0 if warning else 1.0  # the figure MLflow keeps
     return metrics
 
 

@@ -323,3 +323,26 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"model\.pt: not a readable checkpoint"):
         load_checkpoint(bad)
+
+
+def test_fit_runs_the_training_loop_without_ray_and_reports_what_it_learns(config) -> None:
+    from dual_attention.training import SlideExample, fit
+
+    run = config.with_overrides({"train.epochs": 2, "train.steps_per_epoch": 2, "train.sam_warmup_steps": 1,
+                                 "train.attention_check_epoch": 1})
+    slides = [ArraySlide(20 + i, label=i % 4) for i in range(8)]
+    examples = [SlideExample(f"s{i}", s.label, s.thumbnail, s.tissue, s.dims, s.read_tiles,
+                             tumour_mask=s.tissue & (np.arange(s.tissue.shape[1]) < 20)[None, :])
+                for i, s in enumerate(slides)]
+    torch.manual_seed(0)
+    model = DualAttentionModel(run)
+    seen = []
+    history = fit(model, run, examples[:4], examples[4:], on_epoch=seen.append)
+    assert [r.epoch for r in history] == [0, 1] and seen == history
+    first, last = history
+    assert first.train["sam_weight"] == pytest.approx(0.5)  # step 0 warm-up (0), step 1 full weight (1)
+    assert last.train["sam_weight"] == 1.0 and last.train["location_std"] < run.agent.location_std_start
+    for key in ("accuracy", "f1_macro", "attention_entropy", "attention_tumour_ratio", "glimpse_spread"):
+        assert math.isfinite(last.val[key]), key
+    # two steps cannot move the attention: the early warning says so at the check epoch, and only there
+    assert first.warning is None and last.warning is not None and "flat" in last.warning
