@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--n-slides", type=int, default=48)
     parser.add_argument("--slide-px", type=int, default=3072)
     parser.add_argument("--tiles", type=int, default=12, help="tumour tiles per slide")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000, help="agent updates (cpu-small training gives it 1000)")
     parser.add_argument("--probe-steps", type=int, default=600)
     parser.add_argument("--work-dir", default="/tmp/agent-gate")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results" / "agent_gate.json"))

@@ -222,10 +222,15 @@ def figures(task: str, seed: int, model: Any, config: Any, slides: list[Any], ma
         axes[i][0].set_title(f"{example.slide_id} ({config.class_names[example.label]})", fontsize=8)
         axes[i][1].imshow(np.where(example.tissue_mask, example.tumour_mask, np.nan), cmap="Reds", vmin=0, vmax=1)
         axes[i][1].set_title("tumour (ground truth)", fontsize=8)
+        n_tissue = max(int(example.tissue_mask.sum()), 1)
         for j, (epoch, epoch_maps) in enumerate(maps):
-            attention = np.where(example.tissue_mask, epoch_maps[i], np.nan)
-            axes[i][j + 2].imshow(attention, cmap="magma")
+            # log10 of attention ÷ uniform: 0 = the flat map's value, +1 = ten times it; a linear scale would
+            # show only the few brightest pixels of a concentrated map
+            relative = np.log10(np.maximum(epoch_maps[i] * n_tissue, 1e-3))
+            image = axes[i][j + 2].imshow(np.where(example.tissue_mask, relative, np.nan), cmap="magma",
+                                          vmin=-1.5, vmax=1.5)
             axes[i][j + 2].set_title(f"attention, epoch {epoch}", fontsize=8)
+        figure.colorbar(image, ax=axes[i][-1], fraction=0.046, label="log10(attention ÷ uniform)")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
