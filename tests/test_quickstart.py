@@ -19,7 +19,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "dual_attention_cli.main", "quickstart", "--workdir", str(workdir),
-         "--n-slides", "8", "--slide-px", "2048", "--epochs", "1", "--port", "0"],
+         "--n-slides", "8", "--slide-px", "2048", "--epochs", "1", "--steps-per-epoch", "2", "--port", "0"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
