@@ -88,6 +88,18 @@ def evaluate_agent(agent: HardAttentionAgent, tiles: np.ndarray, labels: np.ndar
     )
 
 
+def agent_step(agent: HardAttentionAgent, optimiser: torch.optim.Optimizer, tiles: np.ndarray, labels: np.ndarray,
+               generator: torch.Generator, config: DualAttentionConfig) -> losses.AgentLosses:
+    """One L_HA update of the agent alone on toy tiles."""
+    output = agent(images_to_tensor(tiles), generator=generator)
+    terms = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
+                                torch.as_tensor(labels), config.agent.glimpse_px / AGENT_TILE_PX, config.loss.delta)
+    optimiser.zero_grad()
+    terms.l_ha.backward()
+    optimiser.step()
+    return terms
+
+
 def train_agent_on_moving_region_task(steps: int, batch_size: int = 32, seed: int = 0
                                       ) -> tuple[AgentEvaluation, AgentEvaluation, np.ndarray]:
     """The agent alone on ``region_label_tiles(moving=True)``, the location std annealed as in training;
@@ -107,13 +119,7 @@ def train_agent_on_moving_region_task(steps: int, batch_size: int = 32, seed: in
     for step in range(steps):
         tiles, labels, _ = region_label_tiles(batch_size, rng, moving=True)
         agent.location.std = location_std(config, step)
-        output = agent(images_to_tensor(tiles), generator=generator)
-        terms = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
-                                    torch.as_tensor(labels), config.agent.glimpse_px / AGENT_TILE_PX,
-                                    config.loss.delta)
-        optimiser.zero_grad()
-        terms.l_ha.backward()
-        optimiser.step()
+        agent_step(agent, optimiser, tiles, labels, generator, config)
     return before, evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px), eval_corners
 
 
@@ -138,13 +144,7 @@ def train_agent_on_region_task(steps: int, batch_size: int = 32, seed: int = 0, 
         iterator = tqdm(iterator, desc="agent toy task")
     for _ in iterator:
         tiles, labels = region_label_tiles(batch_size, rng)
-        output = agent(images_to_tensor(tiles), generator=generator)
-        terms = losses.agent_losses(output.class_log_probs, output.log_pi, output.baselines, output.means,
-                                    torch.as_tensor(labels), config.agent.glimpse_px / AGENT_TILE_PX,
-                                    config.loss.delta)
-        optimiser.zero_grad()
-        terms.l_ha.backward()
-        optimiser.step()
+        terms = agent_step(agent, optimiser, tiles, labels, generator, config)
         history.append({"l_ha": terms.l_ha.item(), "accuracy": terms.accuracy_last_step})
     after = evaluate_agent(agent, eval_tiles, eval_labels, config.agent.glimpse_px)
     return before, after, history
