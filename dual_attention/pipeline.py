@@ -175,16 +175,25 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
 # -- stage 2: hard attention over the tiles ----------------------------------------------------------------
 
 
+def first_glimpse_locations(agent: torch.nn.Module, n_tiles: int, seed: int) -> torch.Tensor:
+    """(n_tiles, 2) CPU tensor: the random first glimpses of one slide's tiles, drawn from ``seed`` in one
+    draw for all tiles, so that a tile's first glimpse does not depend on how tiles are batched (serving
+    batches the tiles of several requests, each with its own seed)."""
+    return agent.random_first_locations(n_tiles, torch.Generator().manual_seed(int(seed)))
+
+
 def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProposal, config: DualAttentionConfig,
-                seed: int) -> list[TileScore]:
+                seed: int, first_locations: torch.Tensor | None = None) -> list[TileScore]:
     """The agent over each proposed tile, glimpsing at the policy means after a first glimpse drawn from
-    ``seed`` (deterministic per seed)."""
+    ``seed`` (deterministic per seed); ``first_locations`` (n, 2) replaces that draw (serving's batches
+    of several requests pass each request's own, see ``first_glimpse_locations``)."""
     n = len(proposal.level0_boxes)
     tiles = check_tiles(tiles, n, config.tile.tile_level0_px, "score_tiles")
     scores: list[TileScore] = []
     device = model_device(model)
-    # One draw for all tiles, so that a tile's first glimpse does not depend on how tiles are batched.
-    first_glimpses = model.agent.random_first_locations(n, torch.Generator().manual_seed(int(seed))).to(device)
+    if first_locations is None:
+        first_locations = first_glimpse_locations(model.agent, n, seed)
+    first_glimpses = first_locations.to(device)
     with torch.no_grad():
         for start in range(0, n, AGENT_CHUNK_TILES):
             chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES]).to(device)

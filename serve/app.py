@@ -157,7 +157,7 @@ class ScoringIngress:
         start = time.perf_counter()
         # The hard stage needs boxes and weights, not the attention map.
         light_proposal = dataclasses.replace(soft.proposal, attention_map=np.zeros((0, 0)))
-        hard: HardResult = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses))
+        hard: HardResult = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses, seed))
         tile_scores = hard.tile_scores
         hard_s = time.perf_counter() - start
 

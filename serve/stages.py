@@ -25,7 +25,13 @@ import torch
 from ray import serve
 
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import TileProposal, TileScore, propose_tiles, score_tiles
+from dual_attention.pipeline import (
+    TileProposal,
+    TileScore,
+    first_glimpse_locations,
+    propose_tiles,
+    score_tiles,
+)
 from dual_attention.slides import SlideHandleCache, open_slide, tissue_mask
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
@@ -63,6 +69,7 @@ class TileJob:
     tiles: np.ndarray  # (n, S, S, 3) uint8
     proposal: TileProposal  # boxes and attention weights (the attention map is left out: not needed)
     n_glimpses: int
+    seed: int  # the request's seed: its tiles' random first glimpses are drawn from it
 
 
 @dataclass
@@ -213,8 +220,10 @@ class HardAttentionStage:
             shortfall_reason=None,
         )
         tiles = np.concatenate([job.tiles for job in jobs])
+        # each request's first glimpses from its own seed, as in-process scoring draws them
+        first_locations = torch.cat([first_glimpse_locations(model.agent, len(job.tiles), job.seed) for job in jobs])
         scoring_model = self.holder.on_device(_with_glimpses(model, n_glimpses))
-        return score_tiles(scoring_model, tiles, merged, config, seed=0)
+        return score_tiles(scoring_model, tiles, merged, config, seed=0, first_locations=first_locations)
 
 
 def _with_glimpses(model: Any, n_glimpses: int) -> Any:
@@ -261,6 +270,12 @@ class OnDevice:
     def __init__(self, network: Any, device: torch.device) -> None:
         self.network = network
         self.device = device
+
+    def __getattr__(self, name: str) -> Any:
+        # everything else (``n_glimpses``, ``random_first_locations``, ``parameters``) is the network's
+        if name == "network":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.network, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = tuple(self._to_device(a) for a in args)

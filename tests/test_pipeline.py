@@ -217,7 +217,8 @@ def _has_grad(parameters) -> bool:
 
 
 def test_joint_training_step_four_slides_by_four_tiles(config) -> None:
-    config = config.with_overrides({"loss.beta": 0.0, "loss.alpha_hold_epochs": 0})
+    # L_SA from the first step (the preset holds it off for the agent's warm-up)
+    config = config.with_overrides({"loss.beta": 0.0, "loss.alpha_hold_epochs": 0, "train.sam_warmup_steps": 0})
     torch.manual_seed(0)
     model = DualAttentionModel(config)
     batch, slides = _batch()
@@ -238,7 +239,7 @@ def test_joint_training_step_four_slides_by_four_tiles(config) -> None:
 
 
 def test_ats_signal_reaches_the_tile_features_and_head(config) -> None:
-    config = config.with_overrides({"loss.beta": 0.0, "loss.sam_signal": "ats"})
+    config = config.with_overrides({"loss.beta": 0.0, "loss.sam_signal": "ats", "train.sam_warmup_steps": 0})
     torch.manual_seed(0)
     model = DualAttentionModel(config)
     loss, terms = training_step(model, _batch()[0], epoch=0, config=config, rng=np.random.default_rng(0))
