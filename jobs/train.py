@@ -109,6 +109,17 @@ def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: An
     return int(extra.get("epoch", -1))
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``report`` call with its whole metrics dict at INFO from the worker
+    (~80 lines of dumps per run, whatever ``LoggingConfig`` says); rank 0's epoch line says it all. Its
+    logger is named after the module's file, so it is silenced by that name."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker: the core training loop (``dual_attention.training``) with DDP and reports."""
     import ray
@@ -121,6 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from dual_attention.models import DualAttentionModel
     from dual_attention.pipeline import slide_seed
 
+    _quiet_ray_train_reports()
     config = DualAttentionConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
