@@ -7,9 +7,11 @@ One step (``training_step``), per slide of a batch with every class present:
 1. the SAM's attention over the thumbnail (a softmax over tissue), with gradient while L_SA is on;
 2. N tiles drawn from that attention (``sampler.train_sampler="gumbel"``: Gumbel keys on log-attention,
    the first N at least ``d_t`` apart: samples of the distribution the SAM's gradient is taken of), read
-   through the slide's ``ReadTiles`` and flipped/rotated at random;
-3. the agent over all tiles (locations drawn, std annealed per optimiser step, a random first glimpse):
-   L_HA = L_θ + δ·(L_bb + L_s);
+   through the slide's ``ReadTiles`` in a background thread (the read starts as soon as the boxes are
+   drawn, so it overlaps the next slides' SAM and the agent) and flipped/rotated at random;
+3. the agent over each slide's tiles as they arrive (one episode per tile; locations drawn, std annealed
+   per optimiser step, a random first glimpse): L_HA = L_θ + δ·(L_bb + L_s) over all the batch's tiles;
+   ``tile_wait_s`` is the time the step blocked on reads;
 4. L_SA. With ``loss.sam_signal="agent_reward"`` (default): REINFORCE through the draw,
    −Σ_tiles (r − b)·log a(tile) averaged over slides, r = the agent's probability of the slide's label on
    the tile (detached), b = the slide's mean r; plus β·Σ a log a. Tiles on which the agent reads the
@@ -29,7 +31,9 @@ attention and the glimpses do (``epoch_diagnostics``). ``attention_has_not_moved
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +45,7 @@ from dual_attention import losses, metrics
 from dual_attention.config import DualAttentionConfig
 from dual_attention.expectation import expected_features
 from dual_attention.metrics import aggregate_tile_probabilities
-from dual_attention.models import DualAttentionModel, images_to_tensor
+from dual_attention.models import AgentOutput, DualAttentionModel, images_to_tensor
 from dual_attention.pipeline import (
     ReadTiles,
     ScoringError,
@@ -56,6 +60,7 @@ from dual_attention.pipeline import (
 from dual_attention.sampling import attention_draw, locations_to_level0_boxes, sample_locations
 from dual_attention.slides import SlideError
 
+TILE_READ_THREADS = 8  # concurrent slide reads of a step: reads wait on I/O or on reader actors, not on us
 FLAT_ENTROPY = 0.995  # normalised attention entropy above this: the map has not moved from uniform
 MOVED_TUMOUR_RATIO = 1.1  # attention on tumour ÷ tumour's share at or below this: not on tumour
 
@@ -160,6 +165,17 @@ def location_std(config: DualAttentionConfig, global_step: int) -> float:
     return agent.location_std_start + progress * (agent.location_std - agent.location_std_start)
 
 
+_TILE_READERS: ThreadPoolExecutor | None = None
+
+
+def _tile_readers() -> ThreadPoolExecutor:
+    """The process's threads for a step's tile reads, made on first use."""
+    global _TILE_READERS
+    if _TILE_READERS is None:
+        _TILE_READERS = ThreadPoolExecutor(TILE_READ_THREADS, thread_name_prefix="tile-read")
+    return _TILE_READERS
+
+
 # -- one step --------------------------------------------------------------------------------------------------
 
 
@@ -189,9 +205,11 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
     device = model_device(model)
     model.agent.location.std = location_std(config, global_step)
 
-    slide_tiles, slide_labels, attention_maps, attention_at_tiles = [], [], [], []
+    # 1. Every slide's attention and draw. Each slide's tile read starts as soon as its boxes are known, in
+    #    a background thread, so that reads overlap the next slides' SAM and the agent over the slides
+    #    already read (the boxes depend on the current SAM, so they cannot be fetched before the step).
+    proposed: list[tuple[int, torch.Tensor, np.ndarray, Any, str]] = []
     entropies, tumour_ratios, tumour_fractions = [], [], []
-    skipped = 0
     for i in range(n_slides):
         what = f"slide {batch.slide_ids[i] if i < len(batch.slide_ids) else i}"
         check_thumbnail(batch.thumbnails[i], batch.tissue_masks[i], what)
@@ -199,41 +217,49 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
         with torch.set_grad_enabled(train_sam):
             attention = attention_map_of(model, batch.thumbnails[i], tissue)
         attention_np = attention.detach().cpu().numpy().astype(np.float64)
-        sampled = _draw(attention_np, tissue, config, rng)
-        centers = sampled.centers_thumb_rc
+        centers = _draw(attention_np, tissue, config, rng).centers_thumb_rc
         if len(centers) == 0:
-            skipped += 1
             continue
         boxes = locations_to_level0_boxes(centers, downsample, tile_px, batch.level0_dims[i])
-        tiles = check_tiles(batch.read_tiles[i](boxes), len(boxes), tile_px, what)
-        if augment:
-            tiles = augment_tiles(tiles, rng)
-        slide_tiles.append(images_to_tensor(tiles).to(device))
-        slide_labels.append(int(batch.labels[i]))
-        attention_maps.append(attention)
-        attention_at_tiles.append(attention[torch.as_tensor(centers[:, 0], device=device),
-                                            torch.as_tensor(centers[:, 1], device=device)])
+        proposed.append((i, attention, centers, _tile_readers().submit(batch.read_tiles[i], boxes), what))
         entropies.append(metrics.attention_entropy_normalised(attention_np, tissue))
         tumour = batch.tumour_masks[i] if i < len(batch.tumour_masks) else None
         if tumour is not None:
             tumour_ratios.append(metrics.attention_on_tumour_ratio(attention_np, tissue, tumour))
             tumour_fractions += metrics.tumour_fraction_of_boxes(boxes, tumour, downsample)
-    if skipped == n_slides:
+    skipped = n_slides - len(proposed)
+    if not proposed:
         raise ScoringError(f"training_step: none of the {n_slides} slides had tissue to sample")
 
-    all_tiles = torch.cat(slide_tiles)
-    tile_labels = torch.as_tensor([label for t, label in zip(slide_tiles, slide_labels, strict=True)
-                                   for _ in range(len(t))], device=device)
+    # 2. The agent over each slide's tiles as they arrive (one episode per tile, as in one batch).
     generator = torch.Generator(device=device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-    with torch.set_grad_enabled(train_agent):
-        output = model.agent(all_tiles, generator=generator)
+    slide_tiles, slide_labels, attention_at_tiles, attention_maps, outputs = [], [], [], [], []
+    tile_wait_s = 0.0
+    for i, attention, centers, pending_read, what in proposed:
+        waited_from = time.perf_counter()
+        tiles = pending_read.result()  # a SlideError from the read is raised here
+        tile_wait_s += time.perf_counter() - waited_from
+        tiles = check_tiles(tiles, len(centers), tile_px, what)
+        if augment:
+            tiles = augment_tiles(tiles, rng)
+        slide_tiles.append(images_to_tensor(tiles).to(device))
+        with torch.set_grad_enabled(train_agent):
+            outputs.append(model.agent(slide_tiles[-1], generator=generator))
+        slide_labels.append(int(batch.labels[i]))
+        attention_maps.append(attention)
+        attention_at_tiles.append(attention[torch.as_tensor(centers[:, 0], device=device),
+                                            torch.as_tensor(centers[:, 1], device=device)])
+    output = AgentOutput(**{name: torch.cat([getattr(o, name) for o in outputs])
+                            for name in ("class_log_probs", "log_pi", "baselines", "locations", "means")})
+    sizes = [len(t) for t in slide_tiles]
+    tile_labels = torch.as_tensor([label for label, size in zip(slide_labels, sizes, strict=True)
+                                   for _ in range(size)], device=device)
     last_log_probs = output.class_log_probs[:, -1].detach()
     reward = last_log_probs.gather(1, tile_labels[:, None])[:, 0].exp()  # p(label) per tile
 
     nan = float("nan")
     total = torch.zeros((), device=device)
     terms: dict[str, float] = {}
-    sizes = [len(t) for t in slide_tiles]
     slide_probs = [p.exp().cpu().numpy() for p in torch.split(last_log_probs, sizes)]
     slide_correct = [aggregate_tile_probabilities(p, config.task)[0] == label
                      for p, label in zip(slide_probs, slide_labels, strict=True)]
@@ -273,7 +299,7 @@ def training_step(model: DualAttentionModel, batch: SlideBatch, epoch: int, conf
         "attention_entropy": _mean(entropies), "attention_tumour_ratio": _mean(tumour_ratios),
         "tiles_tumour_fraction": _mean(tumour_fractions),
         "glimpse_spread": metrics.glimpse_spread(output.locations.cpu().numpy()),
-        "n_tiles": float(len(all_tiles)), "slides_skipped": float(skipped), "trains_sam": float(train_sam),
+        "n_tiles": float(sum(sizes)), "tile_wait_s": tile_wait_s, "slides_skipped": float(skipped), "trains_sam": float(train_sam),
         "trains_agent": float(train_agent),
     }
     return total, terms

@@ -304,8 +304,9 @@ def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs
 
 
 class RaySession:
-    """``ray.init`` a local instance unless one is running (or ``address`` is given); shut down only what
-    this object started."""
+    """Joins the Ray cluster that ``address`` or ``$RAY_ADDRESS`` names (a submitted Ray job has it set),
+    else starts a local instance of its own, unless Ray is already initialised; shuts down only what this
+    object started."""
 
     def __init__(self, num_cpus: int | None = None, address: str | None = None) -> None:
         import ray
@@ -314,7 +315,9 @@ class RaySession:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            # "local": always a fresh instance of our own, never another engineer's `ray start` cluster
+            # Without an address, "local": always a fresh instance of our own, never a `ray start` cluster
+            # that happens to run on this machine.
+            address = address or os.environ.get("RAY_ADDRESS") or None
             kwargs["address"] = address or "local"
             if not address:
                 # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.

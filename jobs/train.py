@@ -46,6 +46,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,10 +68,13 @@ METRICS_FILE = "metrics.json"
 
 @dataclass
 class _Timer:
-    """Seconds waiting for tiles and level-0 pixels read, accumulated by the wrapped ``ReadTiles``."""
+    """Seconds spent inside the wrapped ``ReadTiles`` and level-0 pixels read. Training reads run in
+    several threads at once (``training.training_step``), so this is read time, not time the step
+    waited: that is the step's ``tile_wait_s``."""
 
     tile_wait_s: float = 0.0
     level0_pixels: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wrap(self, read_tiles: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
         def timed(boxes: Any) -> np.ndarray:
@@ -78,8 +82,9 @@ class _Timer:
             try:
                 return read_tiles(boxes)
             finally:
-                self.tile_wait_s += time.perf_counter() - start
-                self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
+                with self._lock:
+                    self.tile_wait_s += time.perf_counter() - start
+                    self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
 
         return timed
 
@@ -104,6 +109,17 @@ def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: An
     return int(extra.get("epoch", -1))
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``report`` call with its whole metrics dict at INFO from the worker
+    (~80 lines of dumps per run, whatever ``LoggingConfig`` says); rank 0's epoch line says it all. Its
+    logger is named after the module's file, so it is silenced by that name."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker: the core training loop (``dual_attention.training``) with DDP and reports."""
     import ray
@@ -116,6 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from dual_attention.models import DualAttentionModel
     from dual_attention.pipeline import slide_seed
 
+    _quiet_ray_train_reports()
     config = DualAttentionConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -170,7 +187,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     [live[i] for i in indices], epoch, config, np.random.default_rng([seed, epoch, step, rank]),
                     epoch * n_steps + step, bad_slides, lambda path: paths.get(path, path)))
             scheduler.step()
-            train_seconds, train_wait = time.perf_counter() - epoch_start, timer.tile_wait_s
+            # the time the steps blocked on tile reads (reads run in background threads, overlapping compute)
+            train_seconds = time.perf_counter() - epoch_start
+            train_wait = float(sum(t.get("tile_wait_s", 0.0) for t in step_terms))
 
             # Validation, sharded over workers (base model, evaluation mode, one seed per slide).
             shard = [examples[i] for i in val_ids[rank::world]]

@@ -263,6 +263,7 @@ def test_training_step_is_reproducible(config) -> None:
         torch.manual_seed(0)
         model = DualAttentionModel(config)
         loss, terms = training_step(model, _batch()[0], epoch=0, config=config, rng=np.random.default_rng(42))
+        terms.pop("tile_wait_s")  # a wall-clock time, the one term that is not a function of the seeds
         results.append((loss.item(), terms))
     assert str(results[0]) == str(results[1])  # str: NaN terms compare equal as text
 
@@ -347,3 +348,24 @@ def test_fit_runs_the_training_loop_without_ray_and_reports_what_it_learns(confi
         assert math.isfinite(last.val[key]), key
     # two steps cannot move the attention: the early warning says so at the check epoch, and only there
     assert first.warning is None and last.warning is not None and "flat" in last.warning
+
+
+def test_a_steps_tile_reads_run_at_once(config) -> None:
+    """Each slide's read starts as soon as its boxes are drawn and runs beside the others: here every read
+    waits until all four are in flight, which a step reading slide by slide would never reach."""
+    import threading
+
+    batch, slides = _batch()
+    all_in_flight = threading.Barrier(len(slides), timeout=20)
+
+    def read_when_all_started(slide: ArraySlide):
+        def read(boxes):
+            all_in_flight.wait()  # BrokenBarrierError after 20 s if the reads were sequential
+            return slide.read_tiles(boxes)
+        return read
+
+    batch.read_tiles = [read_when_all_started(s) for s in slides]
+    torch.manual_seed(0)
+    _, terms = training_step(DualAttentionModel(config), batch, epoch=0, config=config,
+                             rng=np.random.default_rng(0))
+    assert terms["n_tiles"] == 16 and terms["tile_wait_s"] >= 0.0
