@@ -29,8 +29,8 @@ def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | 
     """Both stages on one slide file, tiles read in-process. Returns the score, the thumbnail and the
     slide's info (its mpp / objective power and where they came from)."""
     with open_slide(slide_path) as slide:
-        check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)  # before reading any pixel
-        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)  # a corrupt file says so first
+        check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
         mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
