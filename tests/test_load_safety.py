@@ -164,3 +164,39 @@ def test_registered_model_with_poisoned_artifacts_is_refused_by_serve_and_score(
                        "--slide", str(tmp_path / "unused.tiff")]) == 2
     assert "model.pt: not a readable checkpoint" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_sliding_window_model_with_a_poisoned_pickle_is_refused(tmp_path: Path) -> None:
+    from jobs.baselines import load_sliding_window_model
+
+    marker = tmp_path / "marker"
+    path = _poison_file(tmp_path / "sliding_window.pt", marker)
+    with pytest.raises(CheckpointError, match=r"sliding_window\.pt: not a readable sliding-window model"):
+        load_sliding_window_model(path)
+    assert not marker.exists()
+
+
+def test_poisoned_preprocess_cache_entry_is_recomputed_not_unpickled(tmp_path: Path) -> None:
+    """The thumbnail cache is ``.npz``: ``np.load`` without ``allow_pickle`` refuses object arrays, and
+    an unreadable entry is recomputed from the slide."""
+    import numpy as np
+
+    from dual_attention.synthetic import write_synthetic_slide
+    from jobs.preprocess import ThumbnailParams, cache_file_for, thumbnail_entry
+
+    slide = tmp_path / "slide.tiff"
+    write_synthetic_slide(slide, "her2", label=1, seed=2, width_level0_px=512, height_level0_px=512)
+    params = ThumbnailParams(32, 4)
+    cache = cache_file_for(slide, params, tmp_path / "cache")
+    cache.parent.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    with cache.open("wb") as handle:
+        np.savez(handle, thumbnail=np.array([_Poison(marker)], dtype=object),
+                 tissue_mask=np.zeros((16, 16), bool), level0_dims=np.array([512, 512]))
+    with np.load(cache, allow_pickle=True) as live:  # the poison is live for a loader that allows pickles
+        live["thumbnail"]
+    assert marker.exists()
+    marker.unlink()
+    entry = thumbnail_entry(slide, params, tmp_path / "cache")
+    assert not entry.from_cache and entry.thumbnail is not None and entry.thumbnail.shape == (16, 16, 3)
+    assert not marker.exists()
