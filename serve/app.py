@@ -36,7 +36,7 @@ from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate
 from jobs.score import calibration_dict
 from jobs.tile_plane import TilePool
-from serve.http_api import create_http_app
+from serve.http_api import create_http_app, root_cause
 from serve.model_source import ModelLoadError, ModelRef, pin_model_uri
 from serve.overlay_store import OverlayStore
 from serve.redact import redact_paths
@@ -109,8 +109,6 @@ class ScoringIngress:
         try:
             await asyncio.wait_for(self._describe(), timeout=self.settings.request_deadline_s)
         except Exception as error:  # ModelNotLoaded, or the stage not reachable (dead replica, timeout)
-            from serve.http_api import root_cause  # the HTTP layer owns error classification
-
             cause = root_cause(error)
             not_loaded = isinstance(cause, ModelNotLoaded | ModelLoadError)
             # /v1/healthz needs no token: its detail must not show server paths.
@@ -126,7 +124,9 @@ class ScoringIngress:
         limit_s = self.settings.request_deadline_s
         if remaining_s <= 0:
             if asyncio.iscoroutine(awaitable):
-                awaitable.close()
+                awaitable.close()  # never started
+            elif hasattr(awaitable, "cancel"):
+                awaitable.cancel()  # a DeploymentResponse: the call was sent; Serve cancels it in the replica
             raise DeadlineExceeded(f"request deadline of {limit_s:g} s passed before the {stage} stage")
         try:
             return await asyncio.wait_for(awaitable, timeout=remaining_s)
