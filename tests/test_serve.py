@@ -523,6 +523,18 @@ def test_settings_from_environment_and_args(tmp_path: Path) -> None:
         ServeSettings.from_env({"slide_root": str(tmp_path / "nope")}, env=env)
     with pytest.raises(SettingsError, match="max_tiles"):
         ServeSettings.from_env({"max_tiles": 1000}, env=env)
+    limits_env = {**env, "DUAL_ATTENTION_WORK_DIR": str(tmp_path / "work"), "DUAL_ATTENTION_MAX_LEVEL0_PIXELS": "1e9",
+                  "DUAL_ATTENTION_MAX_THUMBNAIL_DECODE_MB": "16", "DUAL_ATTENTION_REQUEST_DEADLINE_S": "2.5"}
+    limited = ServeSettings.from_env(env=limits_env)
+    assert (limited.max_level0_pixels, limited.max_thumbnail_decode_bytes, limited.request_deadline_s) == (
+        10**9, 16 * MIB, 2.5)
+    assert Path(limited.overlay_dir).is_dir() and Path(limited.overlay_dir).parent == tmp_path / "work"
+    args = ServeSettings.from_env({"max_thumbnail_decode_mb": 1, "request_deadline_s": "0.5"}, env=limits_env)
+    assert (args.max_thumbnail_decode_bytes, args.request_deadline_s) == (MIB, 0.5)
+    with pytest.raises(SettingsError, match="request_deadline_s"):
+        ServeSettings.from_env({"request_deadline_s": 0}, env=limits_env)
+    with pytest.raises(SettingsError, match="DUAL_ATTENTION_MAX_LEVEL0_PIXELS"):
+        ServeSettings.from_env(env={**limits_env, "DUAL_ATTENTION_MAX_LEVEL0_PIXELS": "lots"})
 
 
 def test_device_view_passes_the_pipeline_through_unchanged() -> None:
@@ -647,7 +659,7 @@ def test_request_deadline_is_checked_between_and_during_stages(tmp_path: Path) -
 
 
 def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(service: Service) -> None:
-    """Runs last: kills the replica actor of the main app's hard-attention stage mid-service. Every answer
+    """The last test that uses the service: kills the replica actor of the main app's hard-attention stage mid-service. Every answer
     is a 200, or a 503 JSON with Retry-After (never a 500), and Serve's replacement brings back 200s."""
     import ray
 
@@ -672,3 +684,19 @@ def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(s
                 break
             time.sleep(1)
     assert statuses[-1] == 200, statuses
+
+
+def test_overlay_store_keeps_the_most_recent_and_refuses_foreign_ids(tmp_path: Path) -> None:
+    from serve.overlay_store import OverlayStore
+
+    first, second = OverlayStore(tmp_path, capacity=3), OverlayStore(tmp_path, capacity=3)  # two replicas
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    for index, score_id in enumerate(ids):
+        (first if index % 2 else second).put(score_id, f"png {index}".encode())
+        time.sleep(0.01)  # distinct mtimes: eviction order is write order
+    assert [second.get(i) for i in ids] == [None, None, b"png 2", b"png 3", b"png 4"]
+    assert len(first) == 3
+    for foreign in ("../x", "a" * 31, "A" * 32, ids[-1] + "/../" + ids[-2]):
+        assert first.get(foreign) is None
+    with pytest.raises(ValueError, match="32 hex digits"):
+        first.put("../escape", b"x")
