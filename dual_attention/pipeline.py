@@ -94,6 +94,15 @@ def check_thumbnail(thumbnail: np.ndarray, tissue_mask: np.ndarray, what: str) -
         raise ScoringError(f"{what}: tissue_mask shape {tissue_mask.shape} != thumbnail shape {thumbnail.shape[:2]}")
 
 
+def check_slide_fits_a_tile(level0_dims: tuple[int, int], tile_level0_px: int) -> None:
+    """A slide must hold at least one whole tile: a box would otherwise reach past its edges, and the
+    pixels "read" (and ``fraction_level0_read``) would count pixels the slide does not have."""
+    width, height = level0_dims
+    if width < tile_level0_px or height < tile_level0_px:
+        raise ScoringError(f"slide of {width}x{height} level-0 px is smaller than one tile: the minimum size "
+                           f"is {tile_level0_px}x{tile_level0_px} level-0 px")
+
+
 def check_tiles(tiles: np.ndarray, n: int, tile_px: int, what: str) -> np.ndarray:
     tiles = np.asarray(tiles)
     if tiles.shape != (n, tile_px, tile_px, 3) or tiles.dtype != np.uint8:
@@ -157,6 +166,7 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
     """SAM (softmax over the tissue pixels) -> sampler -> level-0 boxes, in evaluation mode (no
     gradients), seeded by ``seed``."""
     check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
+    check_slide_fits_a_tile(level0_dims, config.tile.tile_level0_px)
     with torch.no_grad():
         attention = attention_map_of(model, thumbnail, tissue_mask).cpu().numpy().astype(np.float64)
     sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)

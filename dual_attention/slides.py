@@ -108,12 +108,23 @@ class Slide:
         width, height = self.dimensions
         return (max(1, math.ceil(height / downsample)), max(1, math.ceil(width / downsample)))
 
+    def thumbnail_level(self, downsample: int = DEFAULT_THUMBNAIL_DOWNSAMPLE) -> int:
+        """The pyramid level ``thumbnail`` reads (the nearest level at least as fine as ``downsample``)."""
+        return int(self._osr.get_best_level_for_downsample(downsample))
+
+    def thumbnail_decode_bytes(self, downsample: int = DEFAULT_THUMBNAIL_DOWNSAMPLE) -> int:
+        """Bytes ``thumbnail`` decodes: the RGBA pixels of the whole level it reads, as the header
+        declares them. Known before any pixel is read, so a caller can refuse a slide whose file is small
+        but whose (pyramid-less) level 0 is huge."""
+        width, height = self.info.level_dimensions[self.thumbnail_level(downsample)]
+        return width * height * 4
+
     # -- pixels ---------------------------------------------------------------------------------------
     def thumbnail(self, downsample: int = DEFAULT_THUMBNAIL_DOWNSAMPLE) -> np.ndarray:
         """The slide at 1/downsample of level 0 as (rows, cols, 3) uint8, read from the nearest finer level
         and resized (a slide rarely has a level at exactly that downsample)."""
         rows, cols = self.thumbnail_shape(downsample)
-        level = self._osr.get_best_level_for_downsample(downsample)
+        level = self.thumbnail_level(downsample)
         level_downsample = self.info.level_downsamples[level]
         level_width, level_height = self.info.level_dimensions[level]
         if level_width * level_height <= _THUMBNAIL_BAND_LEVEL_PX**2:

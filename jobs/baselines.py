@@ -208,7 +208,15 @@ def save_sliding_window_model(path: str | Path, model: ResNet18, config: Sliding
 
 
 def load_sliding_window_model(path: str | Path) -> tuple[ResNet18, SlidingWindowConfig, str]:
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Raises ``CheckpointError`` naming the file when it is missing, corrupt or holds anything but
+    tensors and plain values (``weights_only``: loading never runs code from the file)."""
+    from dual_attention.checkpoint import CheckpointError
+
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt, foreign or poisoned files
+        raise CheckpointError(f"{path}: not a readable sliding-window model ({type(error).__name__}: {error})"
+                              ) from error
     config = SlidingWindowConfig(**payload["config"])
     model = ResNet18(NUM_CLASSES[payload["task"]], config.resnet_width)
     model.load_state_dict(payload["state_dict"])

@@ -3,7 +3,8 @@
 ``python -m jobs.preprocess MANIFEST --cache-dir DIR`` (also ``dual-attention preprocess``) runs one Ray
 task per slide, with a progress bar over completed tasks. A bad slide is listed in a report written next
 to the cache (``preprocess_report.parquet`` and ``.json``) and printed; it does not stop the others.
-Exit status: 0 every slide done, 3 some slides failed, 1 none done (or the manifest is unreadable).
+Exit status: 0 every slide done, 3 some slides failed or have no tissue (status "no tissue": read, but
+tissue fraction 0), 1 none done (or the manifest is unreadable).
 
 Cache entries are keyed by the slide's identity (absolute path, size, mtime) and by what made the arrays
 (thumbnail downsample, tissue-mask parameters, and a fingerprint of the thumbnail and mask code), so a
@@ -263,10 +264,15 @@ class PreprocessReport:
             return EXIT_ALL_DONE
         return EXIT_PARTIAL if self.n_ok else EXIT_NONE_DONE
 
+    @property
+    def n_no_tissue(self) -> int:
+        return sum(row["status"] == "no tissue" for row in self.rows)
+
     def summary(self) -> str:
         from_cache = sum(bool(row["from_cache"]) for row in self.rows)
         return (f"{self.n_ok}/{len(self.rows)} slides preprocessed ({from_cache} from cache), "
-                f"{len(self.failed)} failed; cache {self.cache_dir}")
+                f"{len(self.failed) - self.n_no_tissue} failed, {self.n_no_tissue} without tissue; "
+                f"cache {self.cache_dir}")
 
 
 def preprocess_manifest(
@@ -289,8 +295,8 @@ def preprocess_manifest(
         {
             "slide_id": slide_id,
             "path": result.path,
-            "status": "ok" if result.error is None else "failed",
-            "error": None if result.error is None else result.error.reason,
+            "status": _status(result),
+            "error": _error(result),
             "from_cache": result.from_cache,
             "cache_file": result.cache_file,
             "level0_width": result.level0_dims[0] if result.level0_dims else None,
@@ -305,6 +311,21 @@ def preprocess_manifest(
     return report
 
 
+def _status(result: ThumbnailResult) -> str:
+    """'ok', 'failed' (unreadable), or 'no tissue' (read, but nothing to sample: not usable either)."""
+    if result.error is not None:
+        return "failed"
+    return "no tissue" if result.tissue_fraction == 0 else "ok"
+
+
+def _error(result: ThumbnailResult) -> str | None:
+    if result.error is not None:
+        return result.error.reason
+    if result.tissue_fraction == 0:
+        return "no tissue found on the thumbnail (tissue fraction 0): nothing to sample"
+    return None
+
+
 def _write_report(report: PreprocessReport, cache_dir: Path, manifest_path: str | Path) -> list[str]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     parquet_path = cache_dir / f"{REPORT_STEM}.parquet"
@@ -315,9 +336,11 @@ def _write_report(report: PreprocessReport, cache_dir: Path, manifest_path: str 
         "cache_dir": report.cache_dir,
         "n_slides": len(report.rows),
         "n_ok": report.n_ok,
-        "n_failed": len(report.failed),
+        "n_failed": len(report.failed) - report.n_no_tissue,
+        "n_no_tissue": report.n_no_tissue,
         "exit_status": report.exit_status,
-        "failed": [{k: row[k] for k in ("slide_id", "path", "error")} for row in report.failed],
+        # every slide that is not usable: unreadable ("failed") or read but without tissue ("no tissue")
+        "failed": [{k: row[k] for k in ("slide_id", "path", "status", "error")} for row in report.failed],
     }
     json_path.write_text(json.dumps(summary, indent=2))
     return [str(parquet_path), str(json_path)]
@@ -361,7 +384,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return EXIT_NONE_DONE
     print(report.summary())
     for row in report.failed:
-        print(f"FAILED {row['slide_id']} ({row['path']}): {row['error']}", file=sys.stderr)
+        print(f"{row['status'].upper()} {row['slide_id']} ({row['path']}): {row['error']}", file=sys.stderr)
     print(f"report: {', '.join(report.report_files)}")
     return report.exit_status
 

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import ScoringError, SlideScore, score_slide
-from dual_attention.slides import Level0Box, SlideError, open_slide, tissue_mask
+from dual_attention.pipeline import ScoringError, SlideScore, check_slide_fits_a_tile, score_slide
+from dual_attention.slides import Level0Box, SlideError, SlideInfo, open_slide, tissue_mask
 
 
 def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0
-                     ) -> tuple[SlideScore, np.ndarray]:
-    """Both stages on one slide file, tiles read in-process. Returns the score and the thumbnail."""
+                     ) -> tuple[SlideScore, np.ndarray, SlideInfo]:
+    """Both stages on one slide file, tiles read in-process. Returns the score, the thumbnail and the
+    slide's info (its mpp / objective power and where they came from)."""
     with open_slide(slide_path) as slide:
-        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)  # a corrupt file says so first
+        check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
         mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
@@ -36,7 +38,15 @@ def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | 
 
         with torch.no_grad():
             score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed)
-    return score, thumbnail
+        info = slide.info
+    return score, thumbnail, info
+
+
+def calibration_dict(info: SlideInfo) -> dict[str, Any]:
+    """The slide's scale and its sources, as the HTTP API's ``calibration`` field: a slide scored at an
+    assumed magnification says so."""
+    return {"mpp_x_um_per_px": info.mpp_x, "mpp_y_um_per_px": info.mpp_y, "mpp_source": info.mpp_source,
+            "objective_power": info.objective_power, "objective_source": info.objective_source}
 
 
 def slide_score_dict(score: SlideScore, config: DualAttentionConfig) -> dict[str, Any]:
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     started = time.perf_counter()
     try:
-        score, thumbnail = score_slide_path(model, config, args.slide, args.seed)
+        score, thumbnail, info = score_slide_path(model, config, args.slide, args.seed)
     except SlideError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     result = {"slide": str(args.slide), "model": {k: meta.get(k) for k in ("name", "version", "alias", "source")},
               "config_digest": config.digest(), "seconds": round(time.perf_counter() - started, 3),
+              "level0_dimensions": list(info.dimensions), "calibration": calibration_dict(info),
               **slide_score_dict(score, config)}
     if args.overlay:
         from jobs.overlays import save_slide_score_overlay

@@ -97,15 +97,22 @@ def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: An
     """Load weights (+ optimiser/scheduler when saved) from a checkpoint folder; returns its epoch."""
     import torch
 
-    from dual_attention.checkpoint import load_checkpoint
+    from dual_attention.checkpoint import CheckpointError, load_checkpoint
 
     loaded, _, extra = load_checkpoint(directory)
     model.load_state_dict(loaded.state_dict())
     state_path = directory / TRAIN_STATE_FILE
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # weights_only: a checkpoint folder may come from anywhere (--resume, Tune's storage); unpickling
+        # arbitrary objects from it would run code. Adam's and StepLR's state dicts are plain tensors,
+        # numbers, lists and dicts, which the restricted unpickler accepts.
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as error:  # torch raises several types for corrupt, foreign or poisoned files
+            raise CheckpointError(f"{state_path}: not a readable training state "
+                                  f"({type(error).__name__}: {error})") from error
     return int(extra.get("epoch", -1))
 
 

@@ -8,8 +8,12 @@ Run it with any of:
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
-``jobs.tile_plane``) and a bounded LRU of recent overlays; it runs one replica so that an overlay URL
-always reaches the replica that holds it. The two model stages scale on their own.
+``jobs.tile_plane``); recent overlays are PNGs in the work folder (``serve.overlay_store``), so any
+ingress replica can answer for them and the ingress runs several replicas. The two model stages scale on
+their own.
+
+Each scoring request has a deadline (``request_deadline_s``): it bounds the wait on every stage and is
+checked between them, so a request never waits on a stuck stage past it (HTTP 504).
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI
@@ -30,69 +33,45 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import SlideScore, aggregate
+from dual_attention.pipeline import aggregate
+from jobs.score import calibration_dict
 from jobs.tile_plane import TilePool
-from serve.http_api import create_http_app
+from serve.http_api import create_http_app, root_cause
 from serve.model_source import ModelLoadError, ModelRef, pin_model_uri
+from serve.overlay_store import OverlayStore
+from serve.redact import redact_paths
 from serve.schemas import (
     HealthResponse,
     Level0BoxOut,
     ModelInfo,
     ScoreResponse,
+    SlideCalibration,
     StageTimings,
     TileOut,
 )
 from serve.settings import ServeSettings
 from serve.stages import (
+    DeadlineExceeded,
     HardAttentionStage,
     HardResult,
     ModelNotLoaded,
+    SlideLimits,
     SoftAttentionStage,
     SoftResult,
     TileJob,
 )
 
-
-@dataclass
-class _OverlayInputs:
-    thumbnail: np.ndarray
-    slide_score: SlideScore
-    downsample: int
-    title: str
-    class_names: tuple[str, ...]
-    png: bytes | None = None  # rendered on first GET
+T = TypeVar("T")
 
 
-class OverlayCache:
-    """A bounded LRU of the inputs of recent overlays; each PNG is rendered once, on first request."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, _OverlayInputs] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, score_id: str, inputs: _OverlayInputs) -> None:
-        with self._lock:
-            self._items[score_id] = inputs
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def get(self, score_id: str) -> _OverlayInputs | None:
-        with self._lock:
-            inputs = self._items.get(score_id)
-            if inputs is not None:
-                self._items.move_to_end(score_id)
-            return inputs
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=1, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=2, max_ongoing_requests=64)
 @serve.ingress()
 class ScoringIngress:
     def __init__(self, soft: DeploymentHandle, hard: DeploymentHandle, settings: ServeSettings) -> None:
         self.soft = soft
         self.hard = hard
         self.settings = settings
-        self.overlays = OverlayCache(settings.overlay_cache_size)
+        self.overlays = OverlayStore(settings.overlay_dir, settings.overlay_cache_size)
         self._tile_pool: TilePool | None = None  # started on the first scoring request
         self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
@@ -128,11 +107,31 @@ class ScoringIngress:
 
     async def health(self) -> HealthResponse:
         try:
-            await self._describe()
-        except Exception as error:  # ModelNotLoaded, or the stage not reachable
-            cause = getattr(error, "cause", None) or error
-            return HealthResponse(status="model not loaded", model_loaded=False, detail=str(cause))
+            await asyncio.wait_for(self._describe(), timeout=self.settings.request_deadline_s)
+        except Exception as error:  # ModelNotLoaded, or the stage not reachable (dead replica, timeout)
+            cause = root_cause(error)
+            not_loaded = isinstance(cause, ModelNotLoaded | ModelLoadError)
+            # /v1/healthz needs no token: its detail must not show server paths.
+            detail = redact_paths(str(cause), {self.settings.slide_root: ""}) if not_loaded \
+                else f"scoring backend unavailable ({type(cause).__name__})"
+            return HealthResponse(status="model not loaded" if not_loaded else "unavailable", model_loaded=False,
+                                  detail=detail)
         return HealthResponse(status="ok", model_loaded=True)
+
+    async def _stage(self, awaitable: Awaitable[T], stage: str, deadline: float) -> T:
+        """``awaitable`` within what is left of the request's deadline (``time.perf_counter()`` clock)."""
+        remaining_s = deadline - time.perf_counter()
+        limit_s = self.settings.request_deadline_s
+        if remaining_s <= 0:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started
+            elif hasattr(awaitable, "cancel"):
+                awaitable.cancel()  # a DeploymentResponse: the call was sent; Serve cancels it in the replica
+            raise DeadlineExceeded(f"request deadline of {limit_s:g} s passed before the {stage} stage")
+        try:
+            return await asyncio.wait_for(awaitable, timeout=remaining_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request deadline of {limit_s:g} s passed during the {stage} stage") from None
 
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
@@ -140,38 +139,48 @@ class ScoringIngress:
         """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
-        info = await self.model_info()
+        deadline = received_at + self.settings.request_deadline_s
+        info = await self._stage(self.model_info(), "model", deadline)
         config = DualAttentionConfig.from_dict((await self._describe())["config"])
         n_glimpses = n_glimpses or config.agent.n_glimpses
 
         start = time.perf_counter()
-        soft: SoftResult = await self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
-                                                          cache_handle=not is_upload)
+        soft: SoftResult = await self._stage(
+            self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
+                                     cache_handle=not is_upload), "soft-attention", deadline)
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        tiles = await asyncio.to_thread(self._read_tiles, str(slide_path), config.tile.tile_level0_px,
-                                        soft.proposal.level0_boxes)
+        tiles = await self._stage(asyncio.to_thread(self._read_tiles, str(slide_path), config.tile.tile_level0_px,
+                                                    soft.proposal.level0_boxes), "tile-read", deadline)
         tile_read_s = time.perf_counter() - start
 
         start = time.perf_counter()
         # The hard stage needs boxes and weights, not the attention map.
         light_proposal = dataclasses.replace(soft.proposal, attention_map=np.zeros((0, 0)))
-        hard: HardResult = await self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses, seed))
+        hard: HardResult = await self._stage(
+            self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses, seed)), "hard-attention", deadline)
         tile_scores = hard.tile_scores
         hard_s = time.perf_counter() - start
 
         start = time.perf_counter()
         slide_score = aggregate(tile_scores, config.task, soft.level0_dims, attention_map=soft.proposal.attention_map)
         score_id = uuid.uuid4().hex
-        overlay_url = None
-        if overlay and soft.thumbnail is not None:
-            self.overlays.put(score_id, _OverlayInputs(
-                thumbnail=soft.thumbnail, slide_score=slide_score, downsample=config.slide.thumbnail_downsample,
-                title=f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})",
-                class_names=config.class_names))
-            overlay_url = f"/v1/overlay/{score_id}"
         aggregate_s = time.perf_counter() - start
+        overlay_url = None
+        start = time.perf_counter()
+        if overlay and soft.thumbnail is not None:
+            from jobs.overlays import overlay_png_bytes  # matplotlib: imported on first use only
+
+            # Rendered now and stored on disk: the GET may reach another ingress replica.
+            png = await self._stage(asyncio.to_thread(
+                overlay_png_bytes, soft.thumbnail, slide_score, config.slide.thumbnail_downsample,
+                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names),
+                "overlay", deadline)
+            await asyncio.to_thread(self.overlays.put, score_id, png)
+            overlay_url = f"/v1/overlay/{score_id}"
+        overlay_s = time.perf_counter() - start
+        slide_info = soft.slide_info
 
         return ScoreResponse(
             score_id=score_id,
@@ -186,6 +195,7 @@ class ScoringIngress:
                    for t in slide_score.tiles],
             shortfall_reason=soft.proposal.shortfall_reason,
             level0_dimensions=soft.level0_dims,
+            calibration=SlideCalibration(**calibration_dict(slide_info)),
             level0_pixels_read=slide_score.level0_pixels_read,
             fraction_level0_read=slide_score.fraction_level0_read,
             n_tiles=n_tiles or config.sampler.n_tiles,
@@ -195,7 +205,7 @@ class ScoringIngress:
             timings=StageTimings(validate_s=validate_s, soft_attention_s=soft_s, thumbnail_s=soft.thumbnail_s,
                                  soft_attention_compute_s=soft.thumbnail_s + soft.propose_s,
                                  tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
-                                 agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s,
+                                 agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s, overlay_s=overlay_s,
                                  total_s=time.perf_counter() - received_at),
             overlay_url=overlay_url,
         )
@@ -210,15 +220,7 @@ class ScoringIngress:
             pool.reset_pixel_counts(slide_path)
 
     async def overlay_png(self, score_id: str) -> bytes | None:
-        inputs = self.overlays.get(score_id)
-        if inputs is None:
-            return None
-        if inputs.png is None:
-            from jobs.overlays import overlay_png_bytes  # matplotlib: imported on first use only
-
-            inputs.png = await asyncio.to_thread(overlay_png_bytes, inputs.thumbnail, inputs.slide_score,
-                                                 inputs.downsample, inputs.title, inputs.class_names)
-        return inputs.png
+        return await asyncio.to_thread(self.overlays.get, score_id)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -226,13 +228,15 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     ``args`` override the environment by ``ServeSettings`` field name (``model``, ``slide_root``,
     ``max_upload_mb``, ...). Serve-only keys: ``torch_threads`` (per model replica, default 1);
-    ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling);
+    ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling); ``ingress_replicas``
+    (default: the deployment's, 2);
     ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only); and
     ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
     moved alias)."""
     args = dict(args or {})
     torch_threads = int(args.pop("torch_threads", 1))
     soft_replicas, hard_replicas = args.pop("soft_replicas", None), args.pop("hard_replicas", None)
+    ingress_replicas = args.pop("ingress_replicas", None)
     gpus = float(args.pop("gpus_per_replica", 0))
     args.pop("model_revision", None)
     if "model" in args:
@@ -242,11 +246,15 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         model_ref = pin_model_uri(settings.model_uri, settings.tracking_uri)
     except ModelLoadError as error:
         # Deploy anyway: the service comes up and answers 503 naming the cause (and healthz says so).
-        model_ref = ModelRef(uri=settings.model_uri, name=settings.model_uri, version=None, alias=None,
-                             error=str(error))
-    soft = _fixed(SoftAttentionStage, soft_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
+        name = settings.model_uri if settings.model_uri.startswith("models:/") else Path(settings.model_uri).name
+        model_ref = ModelRef(uri=settings.model_uri, name=name, version=None, alias=None, error=str(error))
+    limits = SlideLimits(max_level0_pixels=settings.max_level0_pixels,
+                         max_thumbnail_decode_bytes=settings.max_thumbnail_decode_bytes)
+    soft = _fixed(SoftAttentionStage, soft_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads,
+                                                                limits=limits)
     hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
-    return ScoringIngress.bind(soft, hard, settings)
+    ingress = ScoringIngress if ingress_replicas is None else ScoringIngress.options(num_replicas=int(ingress_replicas))
+    return ingress.bind(soft, hard, settings)
 
 
 def _fixed(deployment: serve.Deployment, replicas: int | str | None, gpus: float) -> serve.Deployment:

@@ -27,6 +27,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--upload-dir", default=None, help="where uploads are streamed (default: system temp)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--tile-readers", type=int, default=None, help="tile-reader actors (default 2)")
+    parser.add_argument("--work-dir", default=None, help="overlay PNGs go to its overlays/ (default: system temp)")
+    parser.add_argument("--max-level0-pixels", type=float, default=None,
+                        help="refuse slides declaring more level-0 pixels (413; default 2e10)")
+    parser.add_argument("--max-thumbnail-decode-mb", type=float, default=None,
+                        help="refuse slides whose thumbnail would decode more (413; default 2048)")
+    parser.add_argument("--request-deadline-s", type=float, default=None,
+                        help="a scoring request's deadline (504 after it; default 120)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per model replica (default 1)")
     parser.add_argument("--num-cpus", type=float, default=8,
                         help="logical CPUs of the local Ray instance (replicas take fractions; default 8)")
@@ -46,11 +53,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ray import serve
 
     from serve.app import build_app
-    from serve.settings import SettingsError
+    from serve.settings import ServeSettings, SettingsError
 
     app_args = {"model": args.model, "slide_root": args.slide_root, "max_upload_mb": args.max_upload_mb,
                 "upload_dir": args.upload_dir, "tracking_uri": args.tracking_uri,
-                "tile_readers": args.tile_readers, "torch_threads": args.torch_threads}
+                "tile_readers": args.tile_readers, "torch_threads": args.torch_threads, "work_dir": args.work_dir,
+                "max_level0_pixels": args.max_level0_pixels, "max_thumbnail_decode_mb": args.max_thumbnail_decode_mb,
+                "request_deadline_s": args.request_deadline_s}
     try:
         application = build_app({k: v for k, v in app_args.items() if v is not None})
     except SettingsError as error:
@@ -62,7 +71,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # address="local": always a fresh instance, even when another `ray start` cluster runs here
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address=LOCAL_HOST)
     try:
-        serve.start(http_options={"host": LOCAL_HOST, "port": args.port})
+        # The proxy's own timeout (408) is a safety net behind the app's JSON 504 deadline, hence longer.
+        proxy_timeout_s = (args.request_deadline_s or ServeSettings.request_deadline_s) + 60
+        serve.start(http_options={"host": LOCAL_HOST, "port": args.port, "request_timeout_s": proxy_timeout_s})
         serve.run(application, name="dual-attention", route_prefix="/")
         url = f"http://{LOCAL_HOST}:{args.port}"
         print(f"dual attention scoring service at {url} (OpenAPI: {url}/docs); Ctrl-C to stop", flush=True)

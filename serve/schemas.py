@@ -46,14 +46,27 @@ class StageTimings(BaseModel):
     hard_attention_compute_s: float = Field(description="wall time of the agent batch that held these tiles")
     agent_batch_tiles: int = Field(description="tiles in that batch (this request's and other requests')")
     aggregate_s: float
+    overlay_s: float = Field(0.0, description="rendering and storing the overlay PNG (overlay=true only)")
     total_s: float
+
+
+class SlideCalibration(BaseModel):
+    """The slide's scale, and where it came from: tiles are cut at a magnification computed from it, so a
+    slide whose file records neither says the scale was assumed."""
+
+    mpp_x_um_per_px: float = Field(description="µm per level-0 pixel, horizontally")
+    mpp_y_um_per_px: float
+    mpp_source: str = Field(description="'file', 'objective-power', or 'default (assumed 40x)'")
+    objective_power: float
+    objective_source: str = Field(description="'file', 'mpp', or 'default' (assumed)")
 
 
 class ModelInfo(BaseModel):
     name: str
     version: str | None = Field(None, description="registry version, or None for a checkpoint path")
     alias: str | None = None
-    uri: str = Field(description="where the model was loaded from (an alias is pinned to its version)")
+    uri: str = Field(description="where the model was loaded from (an alias is pinned to its version; a "
+                                 "checkpoint path is shown as checkpoint:NAME)")
     task: str
     class_names: list[str]
     config_digest: str
@@ -70,6 +83,7 @@ class ScoreResponse(BaseModel):
     tiles: list[TileOut]
     shortfall_reason: str | None = Field(None, description="why fewer than n_tiles tiles were sampled")
     level0_dimensions: tuple[int, int] = Field(description="(width, height) of level 0")
+    calibration: SlideCalibration
     level0_pixels_read: int
     fraction_level0_read: float
     n_tiles: int = Field(description="N requested")
@@ -81,7 +95,7 @@ class ScoreResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description="'ok', or 'model not loaded'")
+    status: str = Field(description="'ok', 'model not loaded', or 'unavailable' (a backend stage cannot be reached)")
     model_loaded: bool
     detail: str | None = None
 

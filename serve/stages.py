@@ -28,11 +28,12 @@ from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import (
     TileProposal,
     TileScore,
+    check_slide_fits_a_tile,
     first_glimpse_locations,
     propose_tiles,
     score_tiles,
 )
-from dual_attention.slides import SlideHandleCache, open_slide, tissue_mask
+from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, open_slide, tissue_mask
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
 
@@ -43,6 +44,35 @@ class ModelNotLoaded(RuntimeError):
 
 class NoTissue(ValueError):
     """Nothing to sample on the slide (HTTP 422)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed; the message names the stage and the deadline (HTTP 504)."""
+
+
+class SlideTooLarge(ValueError):
+    """The slide's header declares more than this server reads per request (HTTP 413); the message
+    names the limit and the slide's declared size."""
+
+
+@dataclass(frozen=True)
+class SlideLimits:
+    """Per-request bounds on the work a slide may cause, checked on its header before any pixel is read."""
+
+    max_level0_pixels: int
+    max_thumbnail_decode_bytes: int
+
+    def check(self, slide: Slide, downsample: int) -> None:
+        width, height = slide.dimensions
+        if width * height > self.max_level0_pixels:
+            raise SlideTooLarge(f"slide declares {width}x{height} level-0 px ({width * height:,} px), over this "
+                                f"server's limit max_level0_pixels={self.max_level0_pixels:,}")
+        decode_bytes = slide.thumbnail_decode_bytes(downsample)
+        if decode_bytes > self.max_thumbnail_decode_bytes:
+            level_width, level_height = slide.info.level_dimensions[slide.thumbnail_level(downsample)]
+            raise SlideTooLarge(f"slide's thumbnail needs {decode_bytes:,} decoded bytes (its level of "
+                                f"{level_width}x{level_height} px; no coarser pyramid level), over this server's "
+                                f"limit max_thumbnail_decode_bytes={self.max_thumbnail_decode_bytes:,}")
 
 
 def request_config(config: DualAttentionConfig, n_tiles: int | None) -> DualAttentionConfig:
@@ -57,6 +87,7 @@ def request_config(config: DualAttentionConfig, n_tiles: int | None) -> DualAtte
 class SoftResult:
     proposal: TileProposal  # its attention map is kept only when an overlay was asked for
     level0_dims: tuple[int, int]
+    slide_info: SlideInfo  # mpp / objective and where they came from (file, or assumed)
     thumbnail: np.ndarray | None  # kept only when an overlay was asked for
     thumbnail_s: float
     propose_s: float
@@ -112,7 +143,7 @@ class _ModelHolder:
             "name": self.model_ref.name,
             "version": self.model_ref.version,
             "alias": self.model_ref.alias,
-            "uri": self.model_ref.uri,
+            "uri": self.model_ref.public_uri,  # a checkpoint path is named, not shown
             "config": config.to_dict(),
             "config_digest": config.digest(),
         }
@@ -125,24 +156,27 @@ class _ModelHolder:
 )
 class SoftAttentionStage:
     def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
-                 max_open_slides: int = 8) -> None:
+                 max_open_slides: int = 8, limits: SlideLimits | None = None) -> None:
         self.holder = _ModelHolder(model_ref, tracking_uri, torch_threads)
         self.slides = SlideHandleCache(max_open_slides)
+        self.limits = limits
 
     def describe(self) -> dict[str, Any]:
         return self.holder.describe()
 
     def propose(self, slide_path: str, n_tiles: int | None, seed: int, keep_thumbnail: bool = False,
                 cache_handle: bool = True) -> SoftResult:
-        """Raises ``SlideError`` (unreadable slide), ``NoTissue`` or ``ModelNotLoaded``."""
+        """Raises ``SlideError`` (unreadable slide), ``SlideTooLarge``, ``ScoringError`` (smaller than a
+        tile), ``NoTissue`` or ``ModelNotLoaded``."""
         model, config = self.holder.require()
         config = request_config(config, n_tiles)
         start = time.perf_counter()
         if cache_handle:
-            thumbnail, level0_dims = self._thumbnail(self.slides.get(slide_path), config)
+            thumbnail, info = self._thumbnail(self.slides.get(slide_path), config)
         else:  # an upload: its file goes away after the request, so do not keep its handle
             with open_slide(slide_path) as slide:
-                thumbnail, level0_dims = self._thumbnail(slide, config)
+                thumbnail, info = self._thumbnail(slide, config)
+        level0_dims = info.dimensions
         mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
         thumbnail_s = time.perf_counter() - start
         if not mask.any():
@@ -156,16 +190,22 @@ class SoftAttentionStage:
         if not keep_thumbnail:
             # Only an overlay needs the map; for a 40x slide it is ~3000² float64, tens of MB per answer.
             proposal = dataclasses.replace(proposal, attention_map=np.zeros((0, 0)))
-        return SoftResult(proposal=proposal, level0_dims=level0_dims,
+        return SoftResult(proposal=proposal, level0_dims=level0_dims, slide_info=info,
                           thumbnail=thumbnail if keep_thumbnail else None,
                           thumbnail_s=thumbnail_s, propose_s=propose_s)
 
-    def _thumbnail(self, slide: Any, config: DualAttentionConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    def _thumbnail(self, slide: Slide, config: DualAttentionConfig) -> tuple[np.ndarray, SlideInfo]:
+        # Refused on the header alone, before any pixel is decoded: a small file must not stall the replica.
+        if self.limits is not None:
+            self.limits.check(slide, config.slide.thumbnail_downsample)
         try:
-            return slide.thumbnail(config.slide.thumbnail_downsample), slide.dimensions
+            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
         except Exception:
             self.slides.evict(slide.path)  # a failed read may leave the handle unusable
             raise
+        # After the read (cheap for a slide this small): a corrupt file is reported as corrupt first.
+        check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
+        return thumbnail, slide.info
 
 
 def _tiles_in(jobs: list[TileJob]) -> int:

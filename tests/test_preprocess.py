@@ -142,3 +142,24 @@ def test_cli_exit_status_all_partial_none(
     assert preprocess.main([str(tmp_path / "no_such.parquet"), "--quiet"]) == 1
     assert "no_such.parquet" in capsys.readouterr().err
     assert preprocess.main([str(cohort_manifest), "--set", "slide.no_such_field=1", "--quiet"]) == 2
+
+
+def test_a_slide_without_tissue_is_reported_as_no_tissue_not_ok(ray_cluster: None, cohort_manifest: Path,
+                                                                 tmp_path: Path) -> None:
+    import tifffile
+
+    blank = tmp_path / "blank.tiff"  # opens and reads fine, but is white glass only
+    tifffile.imwrite(blank, np.full((512, 512, 3), 255, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="zlib")
+    rows = read_manifest(cohort_manifest).to_pylist()
+    manifest = tmp_path / "with_blank.parquet"
+    write_manifest([rows[0], dict(rows[0], slide_id="blank-0", path=str(blank))], manifest)
+    report = preprocess_manifest(manifest, tmp_path / "cache", preset("cpu-small"), progress=False)
+    statuses = {row["slide_id"]: (row["status"], row["tissue_fraction"], row["error"]) for row in report.rows}
+    assert statuses[rows[0]["slide_id"]][:1] == ("ok",) and statuses[rows[0]["slide_id"]][1] > 0
+    status, fraction, error = statuses["blank-0"]
+    assert (status, fraction) == ("no tissue", 0.0) and "no tissue" in error
+    assert report.n_ok == 1 and report.n_no_tissue == 1 and report.exit_status == preprocess.EXIT_PARTIAL
+    assert "0 failed, 1 without tissue" in report.summary()
+    summary = json.loads((tmp_path / "cache" / "preprocess_report.json").read_text())
+    assert summary["n_no_tissue"] == 1 and summary["failed"][0]["status"] == "no tissue"
