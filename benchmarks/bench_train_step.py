@@ -1,9 +1,11 @@
-"""Training step time per worker, split into waiting for tiles (inside ``ReadTiles``, i.e. the tile plane)
-and the rest (SAM, sampler, f_f, agent, backward, DDP all-reduce), with 1 and 2 Ray Train workers, reading tiles through the Ray tile plane (``pool``) or in the worker process
-(``local``).
+"""Training step time per worker, split into the time blocked on tile reads and the rest (SAM, sampler,
+agent, backward, DDP all-reduce), with 1 and 2 Ray Train workers, reading tiles through the Ray tile plane
+(``pool``) or in the worker process (``local``).
 
 Runs the real training loop (``jobs.train.fit_fold``: TorchTrainer, DDP, TilePool per worker) on a
-synthetic cohort, without MLflow. The first epoch is a warm-up (process start, first slide opens) and is
+synthetic cohort, without MLflow. A step reads its slides' tiles in background threads while it computes
+(``training.training_step``); "tile wait" is the time the step blocked on them. Writes
+``benchmarks/results/train_step.json``. The first epoch is a warm-up (process start, first slide opens) and is
 left out. Target: tile wait <= 10% of step time.
 
     .venv/bin/python benchmarks/bench_train_step.py [--slides 16] [--slide-px 4096] [--epochs 3]
@@ -13,6 +15,7 @@ left out. Target: tile wait <= 10% of step time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
+    results = Path(__file__).resolve().parent / "results" / "train_step.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+                                   "rows": rows}, indent=1))
     print(f"\ncohort: {args.slides} synthetic HER2 slides of {args.slide_px}² px; preset {args.preset}; "
           f"{args.steps} steps/worker/epoch, {args.epochs - 1} measured epochs (first is warm-up); "
           f"{args.tile_actors_per_worker} tile actor(s) per worker; {os.cpu_count()} cores")

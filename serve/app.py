@@ -4,7 +4,7 @@ Run it with any of:
 
     serve run serve.app:build_app model=runs/ckpt slide_root=/data/slides        # development
     serve deploy serve/config.yaml                                                # a running cluster
-    dual-attention serve --model models:/her2@champion --slide-root /data/slides  # local, 127.0.0.1
+    dual-attention serve --model models:/dual-attention-her2@candidate --slide-root /data/slides  # local, 127.0.0.1
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
