@@ -19,10 +19,15 @@ What runs where:
   on rank 0), and rank 0 reports metrics with a checkpoint (``dual_attention.checkpoint`` + optimiser
   state + a few overlay PNGs) via ``ray.train.report``. ``FailureConfig(max_failures)`` restarts a lost
   worker group, which resumes from ``ray.train.get_checkpoint()``.
-- MLflow is written by the driver only, after each fold's fit: every epoch's reported metrics (the
-  checkpoint history Ray Train keeps, ``Result.best_checkpoints``), the checkpoints and overlays as
-  artifacts, and the final model registered as a pyfunc with an alias. Workers never touch MLflow, so the
-  default sqlite store in the run folder needs no server and no shared disk beyond Ray's storage path.
+- MLflow is written by the driver only, as each epoch ends: a Train controller callback forwards every
+  report (rank 0's metrics, the persisted checkpoint) through a Ray queue to a logger thread of the driver
+  (``EpochLogger``), which logs the metrics, overlays and checkpoint and records the epoch in state.json.
+  After the fit, epochs it missed are caught up from Ray Train's history (``Result.best_checkpoints``) and
+  the final model is registered as a pyfunc with an alias. Workers never touch MLflow, so the default
+  sqlite store in the run folder needs no server and no shared disk beyond Ray's storage path.
+- When workers fail more than ``--max-failures`` times, the fold's MLflow run ends FAILED with the cause
+  as tag ``error`` (the full report as artifact error.txt), and the job prints one line naming the cause
+  and the ``--resume`` command, and exits with status 1.
 
 Run folder layout (``--run-dir``, default ``runs/<time>-<task>``)::
 
@@ -34,7 +39,8 @@ Run folder layout (``--run-dir``, default ``runs/<time>-<task>``)::
 
 Resuming: ``--resume RUN_DIR`` re-runs the same Ray Train run name and storage path; Ray Train restores
 its checkpoint list and the workers continue at the epoch after the last checkpoint (``--epochs`` may
-raise the total). ``--resume CHECKPOINT_DIR`` starts a new run folder from that checkpoint's weights,
+raise the total). The fold's MLflow run goes on too, the same run whatever its status (FAILED after
+spent restarts, still RUNNING when the driver was killed), from the epoch after the last one logged. ``--resume CHECKPOINT_DIR`` starts a new run folder from that checkpoint's weights,
 optimiser state and epoch.
 """
 
