@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,66 @@ def test_overlay_refuses_mismatched_inputs_by_name() -> None:
         overlay_figure(thumbnail, np.zeros((10, 10)), [], 32)
     with pytest.raises(ValueError, match="glimpse trails"):
         overlay_figure(thumbnail, None, [Level0Box(0, 0, 32, 32)], 32, glimpse_trails_level0=[])
+
+
+# Opens the shared store from a run folder of its own once told to go, logs one artifact, prints where.
+_OPEN_SHARED_STORE = """
+import json, sys, time
+import json
+import time
+from pathlib import Path
+import mlflow
+from jobs import tracking
+uri, run_dir, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+tracking.setup_mlflow(run_dir, uri, "shared")
+with mlflow.start_run() as run:
+    mlflow.log_text(run_dir.name, "note.txt")
+print(json.dumps({"run_id": run.info.run_id, "artifact_uri": run.info.artifact_uri}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_open_a_fresh_shared_sqlite_store_at_once_and_keep_their_artifacts_apart(
+    tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    store = tmp_path / "store"
+    uri = tracking.sqlite_uri(store / "mlflow.db")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_SHARED_STORE, uri, str(tmp_path / name),
+                                   str(tmp_path / f"{name}.ready"), str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for name in ("run-a", "run-b")]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{name}.ready").exists() for name in ("run-a", "run-b")):  # both imported
+        assert time.monotonic() < deadline, "the store-opening processes did not start within 120 s"
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        time.sleep(0.05)
+    go.touch()  # both open the fresh store now
+    outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (_out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
+    assert sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id])) == sorted(
+        r["run_id"] for r in runs)
+    folders = [Path(urlparse(r["artifact_uri"]).path) for r in runs]
+    for folder, run, name in zip(folders, runs, ("run-a", "run-b"), strict=True):
+        # under the store, in the run's own folder; never inside either run folder
+        assert folder.is_relative_to((store / "mlartifacts").resolve()) and run["run_id"] in folder.parts
+        assert (folder / "note.txt").read_text() == name
+        assert not any(folder.is_relative_to((tmp_path / other).resolve()) for other in ("run-a", "run-b"))
+    assert folders[0] != folders[1]
