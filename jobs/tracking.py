@@ -23,9 +23,11 @@ This module does not import Ray: serve/ and evaluation import it freely.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ CHECKPOINT_ARTIFACT_KEY = "checkpoint"
 # Requirements written into the logged model; listed explicitly because MLflow's inference of them loads
 # the model in a subprocess, which costs seconds and guesses poorly for an editable project.
 PYFUNC_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pandas", "openslide-python", "openslide-bin", "scikit-image"]
+# Overrides where downloaded registered models are cached (model_cache_dir).
+MODEL_CACHE_ENV = "DUAL_ATTENTION_MODEL_CACHE"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -335,12 +339,62 @@ def _find_checkpoint_dir(root: Path) -> Path:
     return found[0].parent
 
 
+def model_cache_dir() -> Path:
+    """Where registered models are kept once downloaded: ``$DUAL_ATTENTION_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/dual-attention/models``, else ``~/.cache/dual-attention/models``."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dual-attention" / "models"
+
+
+def _cache_key(tracking_uri: str, version: Any) -> str:
+    """``<name>-v<version>-<digest>``: the digest covers the store and the version's source and creation
+    time, because two stores (or a store deleted and made again) can each hold a different version 1."""
+    digest = hashlib.sha256(
+        f"{tracking_uri}\n{version.source}\n{version.creation_timestamp}".encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', version.name)}-v{version.version}-{digest}"
+
+
+def _cached_download(client: Any, tracking_uri: str, version: Any, cache_dir: Path) -> Path:
+    """The version's artifacts in ``cache_dir`` (downloaded on first use); returns their folder.
+
+    Downloaded into a private folder inside the cache, then renamed into place: the rename is atomic,
+    so a reader sees a complete copy or none, and of two processes downloading at once one copy stays."""
+    import mlflow
+
+    final = cache_dir / _cache_key(tracking_uri, version)
+    if final.is_dir():
+        if any(final.rglob("model.pt")):
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # not made by the rename below: download it again
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache_dir))
+    try:
+        # From the version's artifact location through this client: a "models:/" download would resolve
+        # the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
+        artifact_uri = client.get_model_version_download_uri(version.name, version.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(partial),
+                                            tracking_uri=tracking_uri)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not any(final.rglob("model.pt")):  # not a copy another process put there first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already when the rename succeeded
+    return final
+
+
 def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
                           download_dir: str | Path | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path -> (model, config, meta).
 
     ``meta`` has ``name``, ``version``, ``alias`` (None for a bare checkpoint path) and ``source`` (where
-    the checkpoint was read from). The model is in eval mode, on CPU."""
+    the checkpoint was read from). The model is in eval mode, on CPU. A registered version is downloaded
+    into ``download_dir`` when given (the caller's to remove), else once into the model cache
+    (``model_cache_dir``) and read from there by later loads of the same version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -366,12 +420,15 @@ def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
         version = client.get_model_version_by_alias(name, alias)
     else:
         version = client.get_model_version(name, match["version"])
-    target = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dual-attention-model-"))
-    # Download from the version's artifact location through this client: a "models:/" download would
-    # resolve the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
-    artifact_uri = client.get_model_version_download_uri(name, version.version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(target), tracking_uri=uri)
-    checkpoint_dir = _find_checkpoint_dir(Path(local))
+    if download_dir is not None:
+        # Download from the version's artifact location through this client: a "models:/" download would
+        # resolve the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
+        artifact_uri = client.get_model_version_download_uri(name, version.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(download_dir),
+                                                         tracking_uri=uri))
+    else:
+        local = _cached_download(client, uri, version, model_cache_dir())
+    checkpoint_dir = _find_checkpoint_dir(local)
     model, config, _ = load_checkpoint(checkpoint_dir)
     model.eval()
     meta = {"name": name, "version": str(version.version), "alias": alias, "source": str(checkpoint_dir)}

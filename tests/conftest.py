@@ -42,6 +42,22 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def model_cache_in_a_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Registered models the tests load are cached in the session's temp folder, not the user's
+    ~/.cache/dual-attention/models (jobs.tracking.model_cache_dir); set before Ray starts, so that Ray
+    workers inherit it too."""
+    # jobs.tracking.MODEL_CACHE_ENV, spelled out: importing jobs.tracking would import MLflow in every session
+    MODEL_CACHE_ENV = "DUAL_ATTENTION_MODEL_CACHE"
+    previous = os.environ.get(MODEL_CACHE_ENV)
+    os.environ[MODEL_CACHE_ENV] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(MODEL_CACHE_ENV, None)
+    else:
+        os.environ[MODEL_CACHE_ENV] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread in the test process: on 2 cores shared with Ray workers, torch's second
     thread spin-waits and a ResNet18 step runs 10-20x slower (measured); restored at the end."""

@@ -91,6 +91,43 @@ def test_register_then_load_by_alias_and_predict_through_pyfunc(tmp_path: Path, 
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
+def test_loading_one_registered_version_twice_keeps_one_cached_copy_and_none_in_the_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cache = tmp_path / "model-cache"
+    monkeypatch.setenv(tracking.MODEL_CACHE_ENV, str(cache))
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    config = preset("cpu-small")
+    checkpoint = save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config, extra={"epoch": 0}).parent
+    tracking.setup_mlflow(tmp_path / "run", experiment="cache-test")
+    try:
+        with mlflow.start_run():
+            registered = tracking.register_model(checkpoint, config.class_names, "dual-attention-cache", "candidate")
+        uri = mlflow.get_tracking_uri()
+        before = set(system_temp.iterdir())
+        _, _, first = tracking.load_registered_model(registered.model_uri, tracking_uri=uri)
+        (entry,) = cache.iterdir()  # one copy, no partial download left behind
+        assert entry.name.startswith("dual-attention-cache-v1-")
+        model_file = Path(first["source"]) / "model.pt"
+        written = model_file.stat().st_mtime_ns
+        loaded, _, second = tracking.load_registered_model("models:/dual-attention-cache/1", tracking_uri=uri)
+        assert second["source"] == first["source"] and Path(first["source"]).is_relative_to(entry)
+        assert [p.name for p in cache.iterdir()] == [entry.name]
+        assert model_file.stat().st_mtime_ns == written  # read from the cache, not downloaded again
+        assert set(system_temp.iterdir()) == before  # nothing left in the temp folder
+        assert loaded.training is False
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def _fake_score(thumbnail_hw: tuple[int, int], downsample: int) -> SlideScore:
     height, width = thumbnail_hw
     attention = np.random.default_rng(0).random((height, width))
