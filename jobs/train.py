@@ -443,12 +443,10 @@ class TrainingFailed(RuntimeError):
 
     def __init__(self, val_fold: int, cause: str, mlflow_run_id: str, run_dir: Path, max_failures: int,
                  last_logged_epoch: int) -> None:
+        logged = f"with epochs 0-{last_logged_epoch} logged" if last_logged_epoch >= 0 else \
+            "before any epoch was logged"
         super().__init__(f"training fold {val_fold} failed after {max_failures} worker-group restart(s) "
-                         f"(--max-failures {max_failures}): {cause}; MLflow run {mlflow_run_id} ended FAILED with "
-                         f"epochs 0-{last_logged_epoch} logged" if last_logged_epoch >= 0 else
-                         f"training fold {val_fold} failed after {max_failures} worker-group restart(s) "
-                         f"(--max-failures {max_failures}): {cause}; MLflow run {mlflow_run_id} ended FAILED before "
-                         "any epoch was reported")
+                         f"(--max-failures {max_failures}): {cause}; MLflow run {mlflow_run_id} ended FAILED {logged}")
         self.val_fold, self.cause, self.mlflow_run_id, self.run_dir = val_fold, cause, mlflow_run_id, run_dir
 
 
@@ -789,6 +787,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run_dir)})
         _log_skipped(cohort.skipped)
         _write_json(state_path, state)
+
         def logged(epoch: int) -> None:  # from the logger's thread; the driver's own thread waits in fit()
             fold_state["last_logged_epoch"] = epoch
             _write_json(state_path, state)
@@ -809,9 +808,13 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
             print(f"[train] fold {val_fold}: per-epoch MLflow logging: {'; '.join(epoch_logger.errors)}",
                   file=sys.stderr, flush=True)
         if failure is not None:
+            from ray.train import TrainingFailedError
+
             cause = failure_cause(failure)
-            mlflow.set_tag("error", cause[:5000])
+            mlflow.set_tag("error", cause[:5000])  # the run ends FAILED as the exception leaves `with run`
             mlflow.log_text(f"{type(failure).__name__}: {failure}\n", "error.txt")  # the whole report, once
+            if not isinstance(failure, TrainingFailedError):
+                raise failure  # not a training failure (e.g. a refused input): its own message says what
             raise TrainingFailed(val_fold, cause, run.info.run_id, run_dir, max_failures,
                                  int(fold_state.get("last_logged_epoch", -1))) from failure
         print(f"[train] fold {val_fold}: fit in {time.perf_counter() - started:.1f}s", flush=True)
