@@ -443,8 +443,8 @@ class TrainingFailed(RuntimeError):
 
     def __init__(self, val_fold: int, cause: str, mlflow_run_id: str, run_dir: Path, max_failures: int,
                  last_logged_epoch: int) -> None:
-        logged = f"with epochs 0-{last_logged_epoch} logged" if last_logged_epoch >= 0 else \
-            "before any epoch was logged"
+        logged = ("before any epoch was logged" if last_logged_epoch < 0 else "with epoch 0 logged"
+                  if last_logged_epoch == 0 else f"with epochs 0-{last_logged_epoch} logged")
         super().__init__(f"training fold {val_fold} failed after {max_failures} worker-group restart(s) "
                          f"(--max-failures {max_failures}): {cause}; MLflow run {mlflow_run_id} ended FAILED {logged}")
         self.val_fold, self.cause, self.mlflow_run_id, self.run_dir = val_fold, cause, mlflow_run_id, run_dir
