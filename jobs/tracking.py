@@ -6,6 +6,12 @@ Where runs go:
   the model registry (aliases included), and ``<run_dir>/mlartifacts`` for artifacts. No server needed.
 - ``MLFLOW_TRACKING_URI`` in the environment, or an explicit ``uri`` (the jobs' ``--mlflow-uri``),
   points at a real tracking server instead (multi-node runs, where the run folder is not shared).
+- A sqlite store keeps its artifacts beside the database file (``<db folder>/mlartifacts/<experiment
+  id>/<run id>/``), whichever run folder created the experiment: runs of several run folders sharing one
+  store each get their own run folder there, and none lands inside another run's folder. The first
+  process to open a fresh sqlite store creates it behind a file lock (``<db>.lock``): MLflow creates the
+  tables with migrations that two processes running at once would both apply ("duplicate column name").
+  Many writers at once are better served by a tracking server (see the README).
 
 The final model is registered as an MLflow pyfunc (``DualAttentionPyfunc``): a thin ``PythonModel`` that
 wraps the checkpoint folder written by ``dual_attention.checkpoint.save_checkpoint``. The checkpoint stays
@@ -17,9 +23,11 @@ This module does not import Ray: serve/ and evaluation import it freely.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +41,8 @@ CHECKPOINT_ARTIFACT_KEY = "checkpoint"
 # Requirements written into the logged model; listed explicitly because MLflow's inference of them loads
 # the model in a subprocess, which costs seconds and guesses poorly for an editable project.
 PYFUNC_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pandas", "openslide-python", "openslide-bin", "scikit-image"]
+# Overrides where downloaded registered models are cached (model_cache_dir).
+MODEL_CACHE_ENV = "DUAL_ATTENTION_MODEL_CACHE"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -74,40 +84,67 @@ def sqlite_uri(db_path: str | Path) -> str:
     return f"sqlite:///{Path(db_path).resolve()}"
 
 
-def _is_local_store(uri: str) -> bool:
-    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+def sqlite_db_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment of this store keeps its runs' artifacts: ``<db folder>/mlartifacts`` for a
+    sqlite store (each run under ``<experiment id>/<run id>/``); None (MLflow's choice) for a file store,
+    which keeps artifacts inside itself, and for a tracking server, which has its own artifact store."""
+    db_path = sqlite_db_path(tracking_uri)
+    return None if db_path is None else (db_path.resolve().parent / "mlartifacts").as_uri()
+
+
+def store_lock(tracking_uri: str, timeout_s: float = 300.0) -> Any:
+    """A file lock beside a sqlite store (``<db>.lock``), held while the store is created and its
+    experiment looked up or made; a no-op context for other stores (a server serialises by itself)."""
+    import contextlib
+
+    from filelock import FileLock
+
+    db_path = sqlite_db_path(tracking_uri)
+    if db_path is None:
+        return contextlib.nullcontext()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db_path) + ".lock", timeout=timeout_s)
 
 
 def setup_mlflow(run_dir: str | Path | None = None, uri: str | None = None,
                  experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at the tracking store and make sure ``experiment`` exists; returns its id.
 
-    For a local store the experiment's artifacts go under ``<run_dir>/mlartifacts`` (an experiment's
-    artifact location is fixed when it is created, so a store shared by several run folders keeps the
-    first one's)."""
+    A new experiment of a sqlite store keeps its artifacts beside the database (``artifact_root``), so
+    each run's artifacts sit under its own run id whichever run folder made the experiment. The store
+    is created (on first use) and the experiment found or made under ``store_lock``."""
     import mlflow
 
     global _exported_uri, _user_uri_before_export
     tracking_uri = resolve_tracking_uri(run_dir, uri)
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     _user_uri_before_export, _exported_uri = _user_tracking_env(), tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
-        return found.experiment_id
-    artifact_location = None
-    if run_dir is not None and _is_local_store(tracking_uri):
-        artifact_location = (Path(run_dir).resolve() / "mlartifacts").as_uri()
-    try:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
-    except Exception:  # another process created it between our look-up and create
-        found = mlflow.get_experiment_by_name(experiment)
+    with store_lock(tracking_uri):
+        found = mlflow.get_experiment_by_name(experiment)  # creates the store's tables when it is new
         if found is None:
-            raise
-        experiment_id = found.experiment_id
+            try:
+                experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_root(tracking_uri))
+            except Exception:  # made meanwhile by a process that shares the store without this lock
+                found = mlflow.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        if found is not None:
+            experiment_id = found.experiment_id
+            expected = artifact_root(tracking_uri)
+            if expected is not None and found.artifact_location.rstrip("/") != expected.rstrip("/"):
+                # an experiment made before artifacts went beside the store (an experiment's artifact
+                # location is fixed at its creation): say where this run's artifacts will go
+                print(f"[mlflow] note: experiment '{experiment}' keeps its artifacts at "
+                      f"{found.artifact_location} (fixed when it was created), not beside the store at {expected}",
+                      flush=True)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -302,12 +339,62 @@ def _find_checkpoint_dir(root: Path) -> Path:
     return found[0].parent
 
 
+def model_cache_dir() -> Path:
+    """Where registered models are kept once downloaded: ``$DUAL_ATTENTION_MODEL_CACHE``, else
+    ``$XDG_CACHE_HOME/dual-attention/models``, else ``~/.cache/dual-attention/models``."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dual-attention" / "models"
+
+
+def _cache_key(tracking_uri: str, version: Any) -> str:
+    """``<name>-v<version>-<digest>``: the digest covers the store and the version's source and creation
+    time, because two stores (or a store deleted and made again) can each hold a different version 1."""
+    digest = hashlib.sha256(
+        f"{tracking_uri}\n{version.source}\n{version.creation_timestamp}".encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', version.name)}-v{version.version}-{digest}"
+
+
+def _cached_download(client: Any, tracking_uri: str, version: Any, cache_dir: Path) -> Path:
+    """The version's artifacts in ``cache_dir`` (downloaded on first use); returns their folder.
+
+    Downloaded into a private folder inside the cache, then renamed into place: the rename is atomic,
+    so a reader sees a complete copy or none, and of two processes downloading at once one copy stays."""
+    import mlflow
+
+    final = cache_dir / _cache_key(tracking_uri, version)
+    if final.is_dir():
+        if any(final.rglob("model.pt")):
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # not made by the rename below: download it again
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=cache_dir))
+    try:
+        # From the version's artifact location through this client: a "models:/" download would resolve
+        # the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
+        artifact_uri = client.get_model_version_download_uri(version.name, version.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(partial),
+                                            tracking_uri=tracking_uri)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not any(final.rglob("model.pt")):  # not a copy another process put there first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already when the rename succeeded
+    return final
+
+
 def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
                           download_dir: str | Path | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path -> (model, config, meta).
 
     ``meta`` has ``name``, ``version``, ``alias`` (None for a bare checkpoint path) and ``source`` (where
-    the checkpoint was read from). The model is in eval mode, on CPU."""
+    the checkpoint was read from). The model is in eval mode, on CPU. A registered version is downloaded
+    into ``download_dir`` when given (the caller's to remove), else once into the model cache
+    (``model_cache_dir``) and read from there by later loads of the same version."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -333,12 +420,15 @@ def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
         version = client.get_model_version_by_alias(name, alias)
     else:
         version = client.get_model_version(name, match["version"])
-    target = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="dual-attention-model-"))
-    # Download from the version's artifact location through this client: a "models:/" download would
-    # resolve the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
-    artifact_uri = client.get_model_version_download_uri(name, version.version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(target), tracking_uri=uri)
-    checkpoint_dir = _find_checkpoint_dir(Path(local))
+    if download_dir is not None:
+        # Download from the version's artifact location through this client: a "models:/" download would
+        # resolve the logged model through the process-wide tracking URI (and create ./mlflow.db when unset).
+        artifact_uri = client.get_model_version_download_uri(name, version.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(download_dir),
+                                                         tracking_uri=uri))
+    else:
+        local = _cached_download(client, uri, version, model_cache_dir())
+    checkpoint_dir = _find_checkpoint_dir(local)
     model, config, _ = load_checkpoint(checkpoint_dir)
     model.eval()
     meta = {"name": name, "version": str(version.version), "alias": alias, "source": str(checkpoint_dir)}

@@ -19,10 +19,15 @@ What runs where:
   on rank 0), and rank 0 reports metrics with a checkpoint (``dual_attention.checkpoint`` + optimiser
   state + a few overlay PNGs) via ``ray.train.report``. ``FailureConfig(max_failures)`` restarts a lost
   worker group, which resumes from ``ray.train.get_checkpoint()``.
-- MLflow is written by the driver only, after each fold's fit: every epoch's reported metrics (the
-  checkpoint history Ray Train keeps, ``Result.best_checkpoints``), the checkpoints and overlays as
-  artifacts, and the final model registered as a pyfunc with an alias. Workers never touch MLflow, so the
-  default sqlite store in the run folder needs no server and no shared disk beyond Ray's storage path.
+- MLflow is written by the driver only, as each epoch ends: a Train controller callback forwards every
+  report (rank 0's metrics, the persisted checkpoint) through a Ray queue to a logger thread of the driver
+  (``EpochLogger``), which logs the metrics, overlays and checkpoint and records the epoch in state.json.
+  After the fit, epochs it missed are caught up from Ray Train's history (``Result.best_checkpoints``) and
+  the final model is registered as a pyfunc with an alias. Workers never touch MLflow, so the default
+  sqlite store in the run folder needs no server and no shared disk beyond Ray's storage path.
+- When workers fail more than ``--max-failures`` times, the fold's MLflow run ends FAILED with the cause
+  as tag ``error`` (the full report as artifact error.txt), and the job prints one line naming the cause
+  and the ``--resume`` command, and exits with status 1.
 
 Run folder layout (``--run-dir``, default ``runs/<time>-<task>``)::
 
@@ -34,13 +39,15 @@ Run folder layout (``--run-dir``, default ``runs/<time>-<task>``)::
 
 Resuming: ``--resume RUN_DIR`` re-runs the same Ray Train run name and storage path; Ray Train restores
 its checkpoint list and the workers continue at the epoch after the last checkpoint (``--epochs`` may
-raise the total). ``--resume CHECKPOINT_DIR`` starts a new run folder from that checkpoint's weights,
+raise the total). The fold's MLflow run goes on too, the same run whatever its status (FAILED after
+spent restarts, still RUNNING when the driver was killed), from the epoch after the last one logged. ``--resume CHECKPOINT_DIR`` starts a new run folder from that checkpoint's weights,
 optimiser state and epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -173,12 +180,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     n_steps = training.steps_per_epoch(config, len(train_ids), world)
     fail_marker = loop_config.get("fail_once_marker")
+    fail_always_at = loop_config.get("fail_always_at_epoch")
     try:
         for epoch in range(start_epoch, config.train.epochs):
             if fail_marker and epoch == loop_config.get("fail_at_epoch") and rank == world - 1 \
                     and not Path(fail_marker).exists():
                 Path(fail_marker).write_text(f"failed once at epoch {epoch}\n")
                 raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
+            if fail_always_at is not None and epoch == fail_always_at and rank == world - 1:
+                raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
             epoch_start = time.perf_counter()
             timer.tile_wait_s, timer.level0_pixels = 0.0, 0
             live = [i for i in train_ids if i not in bad_slides]
@@ -452,6 +462,37 @@ def cluster_has_gpu() -> bool:
     return float(ray.cluster_resources().get("GPU", 0)) >= 1
 
 
+class TrainingFailed(RuntimeError):
+    """A fold whose training failed for good (worker-group restarts spent); its MLflow run is FAILED with
+    the cause as tag ``error``, and the run folder can be resumed."""
+
+    def __init__(self, val_fold: int, cause: str, mlflow_run_id: str, run_dir: Path, max_failures: int,
+                 last_logged_epoch: int) -> None:
+        logged = ("before any epoch was logged" if last_logged_epoch < 0 else "with epoch 0 logged"
+                  if last_logged_epoch == 0 else f"with epochs 0-{last_logged_epoch} logged")
+        super().__init__(f"training fold {val_fold} failed after {max_failures} worker-group restart(s) "
+                         f"(--max-failures {max_failures}): {cause}; MLflow run {mlflow_run_id} ended FAILED {logged}")
+        self.val_fold, self.cause, self.mlflow_run_id, self.run_dir = val_fold, cause, mlflow_run_id, run_dir
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line naming why a fit failed: the first failed worker's exception (its traceback's last line),
+    else the controller's, else the error's own last line."""
+    def last_line(exc: BaseException) -> str:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
+
+    worker_failures = getattr(error, "worker_failures", None)
+    if worker_failures:
+        rank, exc = min(worker_failures.items())
+        more = f" (and {len(worker_failures) - 1} more worker(s))" if len(worker_failures) > 1 else ""
+        return f"worker {rank}: {last_line(exc)}{more}"
+    controller_failure = getattr(error, "controller_failure", None)
+    if controller_failure is not None:
+        return f"Train controller: {last_line(controller_failure)}"
+    return f"{type(error).__name__}: {last_line(error)}"
+
+
 @dataclass
 class FoldOutcome:
     val_fold: int
@@ -467,7 +508,8 @@ class FoldOutcome:
 def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int, *,
              use_gpu: bool, max_failures: int, resume_checkpoint: str | None = None,
              overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1, tile_reader: str = "pool",
-             fail_at_epoch: int | None = None, callbacks: Sequence[Any] = ()) -> Any:
+             fail_at_epoch: int | None = None, callbacks: Sequence[Any] = (),
+             fail_always_at_epoch: int | None = None) -> Any:
     """One Ray Train run for one validation fold; returns the ``ray.train.Result``.
 
     ``callbacks`` go to the trainer's ``RunConfig`` (the tuning job passes Tune's ``TuneReportCallback``
@@ -488,6 +530,8 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path,
     }
     if fail_at_epoch is not None:
         loop_config |= {"fail_at_epoch": fail_at_epoch, "fail_once_marker": str(run_dir / f"failed_once_fold{val_fold}")}
+    if fail_always_at_epoch is not None:
+        loop_config["fail_always_at_epoch"] = fail_always_at_epoch
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -512,23 +556,128 @@ def _epoch_history(result: Any) -> list[tuple[dict[str, Any], Any]]:
     return sorted(history, key=lambda item: int(item[0].get("epoch", -1)))
 
 
-def log_fold_to_mlflow(result: Any, last_logged_epoch: int) -> int:
-    """Log epochs after ``last_logged_epoch`` to the active MLflow run; returns the last epoch logged."""
+def log_epoch_to_mlflow(client: Any, run_id: str, metrics: dict[str, Any], checkpoint: Any) -> int:
+    """One reported epoch into MLflow run ``run_id``: its numeric metrics (step = epoch), its overlays and
+    its checkpoint folder. Through a client with an explicit run id, not the fluent API: the fluent active
+    run is per thread, and the per-epoch logger runs in a thread of its own. Returns the epoch."""
+    from mlflow.entities import Metric
+
     from jobs import tracking
 
-    for metrics, checkpoint in _epoch_history(result):
-        epoch = int(metrics["epoch"])
-        if epoch <= last_logged_epoch:
-            continue
-        tracking.log_metrics(metrics, step=epoch)
+    epoch = int(metrics["epoch"])
+    now_ms = int(time.time() * 1000)
+    values = [Metric(k, v, now_ms, epoch) for k, v in tracking.numeric_metrics(metrics).items()]
+    if values:
+        client.log_batch(run_id, metrics=values)
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             directory = Path(directory)
-            pngs = sorted((directory / OVERLAY_DIR).glob("*.png"))
-            if pngs:
-                tracking.log_pngs(pngs, artifact_path=f"overlays/epoch_{epoch:03d}")
-            tracking.log_checkpoint(directory, artifact_path="checkpoints")
-        last_logged_epoch = epoch
+            for png in sorted((directory / OVERLAY_DIR).glob("*.png")):
+                client.log_artifact(run_id, str(png), artifact_path=f"overlays/epoch_{epoch:03d}")
+            # named after the folder in Ray's storage (checkpoint_epoch_NNN), not the local copy's name
+            client.log_artifacts(run_id, str(directory),
+                                 artifact_path=f"checkpoints/{Path(checkpoint.path).name}")
+    return epoch
+
+
+def log_fold_to_mlflow(result: Any, last_logged_epoch: int, client: Any = None, run_id: str | None = None) -> int:
+    """Log epochs after ``last_logged_epoch`` to ``run_id`` (default: the active MLflow run); returns the
+    last epoch logged. After a fit this catches up on what the per-epoch logger did not log (a resumed run
+    whose earlier driver was killed between an epoch's report and its logging)."""
+    import mlflow
+
+    if client is None or run_id is None:
+        client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for metrics, checkpoint in _epoch_history(result):
+        if int(metrics["epoch"]) <= last_logged_epoch:
+            continue
+        last_logged_epoch = log_epoch_to_mlflow(client, run_id, metrics, checkpoint)
     return last_logged_epoch
+
+
+def _forward_reports_callback(queue: Any) -> Any:
+    """A Ray Train ``UserCallback`` (it runs in the Train controller) that puts rank 0's metrics and the
+    persisted checkpoint of every report on ``queue``, for the driver to log while the fit goes on.
+    Built in a function so that importing this module does not import Ray Train."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, queue: Any) -> None:
+            self._queue = queue
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and "epoch" in metrics[0]:
+                self._queue.put((dict(metrics[0]), checkpoint))
+
+    return ForwardReports(queue)
+
+
+class EpochLogger:
+    """Logs each epoch to MLflow as soon as Ray Train reports it, from a thread of the driver.
+
+    ``trainer.fit()`` blocks the driver until the run ends, and only then hands back the epoch history;
+    a run that fails, or a driver that is killed, would leave MLflow without any epoch. So a controller
+    callback (``callback``) forwards every report through a Ray queue, and this thread logs it to the
+    fold's run and calls ``on_logged(epoch)`` (the job records the epoch in state.json, so a resumed run
+    does not log it again). The queue actor asks for no CPU: the trainer's workers hold the cluster's."""
+
+    def __init__(self, tracking_uri: str, run_id: str, last_logged_epoch: int,
+                 on_logged: Callable[[int], None]) -> None:
+        from mlflow import MlflowClient
+        from ray.util.queue import Queue
+
+        self.run_id = run_id
+        self.last_logged_epoch = last_logged_epoch
+        self.errors: list[str] = []  # epochs that could not be logged, with the reason
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._on_logged = on_logged
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        self.callback = _forward_reports_callback(self._queue)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-epoch-logger", daemon=True)
+
+    def __enter__(self) -> EpochLogger:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Log what is still queued, then stop (fit has returned: no report is in flight any more)."""
+        import ray
+
+        self._stopping.set()
+        self._thread.join(timeout=300)
+        with contextlib.suppress(Exception):  # already gone with its job: nothing to release
+            ray.kill(self._queue.actor)
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                metrics, checkpoint = self._queue.get(timeout=0.5)
+            except Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            except Exception as error:  # the queue actor died (Ray shut down): nothing more will come
+                self.errors.append(f"report queue lost: {type(error).__name__}: {error}")
+                return
+            epoch = int(metrics["epoch"])
+            if epoch <= self.last_logged_epoch:
+                continue  # logged by an earlier driver of this run
+            if self.errors:  # an earlier epoch failed to log: leave this one to the catch-up, in order
+                self.errors.append(f"epoch {epoch}: not logged after the failure above")
+                continue
+            try:
+                log_epoch_to_mlflow(self._client, self.run_id, metrics, checkpoint)
+            except Exception as error:  # the catch-up after a finished fit logs it again from Ray's history
+                self.errors.append(f"epoch {epoch}: {type(error).__name__}: {error}")
+                continue
+            self.last_logged_epoch = epoch
+            self._on_logged(epoch)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -536,7 +685,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    # Written aside, then renamed: a driver killed mid-write must not leave a truncated state.json behind,
+    # since --resume reads the MLflow run id and the last logged epoch from it.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(partial, path)
 
 
 def _local_checkpoint_dir(result: Any) -> str | None:
@@ -552,7 +705,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                  device: str = "auto", max_failures: int = 2, resume_checkpoint: str | None = None,
                  cache_dir: str | Path | None = None, overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
                  tile_reader: str = "pool",
-                 fail_at_epoch: int | None = None) -> dict[str, Any]:
+                 fail_at_epoch: int | None = None, fail_always_at_epoch: int | None = None) -> dict[str, Any]:
     """The whole job: preprocess, one fit per validation fold, MLflow logging and registration, report.
 
     Returns the report (also written to ``run_dir/report.json``)."""
@@ -600,15 +753,17 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                 tile_reader=tile_reader,
                 fail_at_epoch=fail_at_epoch, manifest=str(manifest), model_name=model_name,
                 model_alias=model_alias if not cross_validation else f"{model_alias}-fold{val_fold}",
-                register=register))
+                register=register, fail_always_at_epoch=fail_always_at_epoch))
         combined = _combined_metrics(config, outcomes)
         if parent is not None:
             tracking.log_metrics({f"cv_{k}": v for k, v in combined.items()}, step=0)
             if register:
                 _alias_best_fold(config, outcomes, model_name, model_alias)
             mlflow.end_run()
-    except BaseException:
+    except BaseException as error:
         if parent is not None:
+            if isinstance(error, TrainingFailed):
+                mlflow.set_tag("error", f"fold {error.val_fold}: {error.cause}"[:5000])
             mlflow.end_run(status="FAILED")
         raise
     report = {
@@ -633,13 +788,19 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
                 state: dict[str, Any], state_path: Path, *, nested: bool, use_gpu: bool, max_failures: int,
                 resume_checkpoint: str | None, overlays_per_epoch: int, tile_actors_per_worker: int, tile_reader: str,
                 fail_at_epoch: int | None, manifest: str, model_name: str, model_alias: str,
-                register: bool) -> FoldOutcome:
+                register: bool, fail_always_at_epoch: int | None = None) -> FoldOutcome:
     import mlflow
 
     from jobs import tracking
 
     fold_state = state.setdefault("folds", {}).setdefault(str(val_fold), {})
     run_id = fold_state.get("mlflow_run_id")
+    if run_id:
+        # The same MLflow run goes on, whatever its status: RUNNING when the earlier driver was killed
+        # (nothing ended it), FAILED when its workers failed too often. Epochs it logged stay logged.
+        status = mlflow.MlflowClient().get_run(run_id).info.status
+        print(f"[train] fold {val_fold}: continuing MLflow run {run_id} (was {status}; epochs up to "
+              f"{int(fold_state.get('last_logged_epoch', -1))} already logged)", flush=True)
     run = mlflow.start_run(run_id=run_id, nested=nested) if run_id else \
         mlflow.start_run(run_name=f"{run_dir.name}-fold{val_fold}", nested=nested)
     with run:
@@ -651,15 +812,41 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run_dir)})
         _log_skipped(cohort.skipped)
         _write_json(state_path, state)
+
+        def logged(epoch: int) -> None:  # from the logger's thread; the driver's own thread waits in fit()
+            fold_state["last_logged_epoch"] = epoch
+            _write_json(state_path, state)
+
         started = time.perf_counter()
-        result = fit_fold(config, cohort, run_dir, val_fold, use_gpu=use_gpu, max_failures=max_failures,
-                          resume_checkpoint=resume_checkpoint, overlays_per_epoch=overlays_per_epoch,
-                          tile_actors_per_worker=tile_actors_per_worker, tile_reader=tile_reader,
-                          fail_at_epoch=fail_at_epoch)
+        failure: Exception | None = None
+        with EpochLogger(mlflow.get_tracking_uri(), run.info.run_id, int(fold_state.get("last_logged_epoch", -1)),
+                         logged) as epoch_logger:
+            try:
+                result = fit_fold(config, cohort, run_dir, val_fold, use_gpu=use_gpu, max_failures=max_failures,
+                                  resume_checkpoint=resume_checkpoint, overlays_per_epoch=overlays_per_epoch,
+                                  tile_actors_per_worker=tile_actors_per_worker, tile_reader=tile_reader,
+                                  fail_at_epoch=fail_at_epoch, callbacks=[epoch_logger.callback],
+                                  fail_always_at_epoch=fail_always_at_epoch)
+            except Exception as error:  # ray.train.TrainingFailedError once --max-failures restarts are spent
+                failure = error
+        if epoch_logger.errors:
+            print(f"[train] fold {val_fold}: per-epoch MLflow logging: {'; '.join(epoch_logger.errors)}",
+                  file=sys.stderr, flush=True)
+        if failure is not None:
+            from ray.train import TrainingFailedError
+
+            cause = failure_cause(failure)
+            mlflow.set_tag("error", cause[:5000])  # the run ends FAILED as the exception leaves `with run`
+            mlflow.log_text(f"{type(failure).__name__}: {failure}\n", "error.txt")  # the whole report, once
+            if not isinstance(failure, TrainingFailedError):
+                raise failure  # not a training failure (e.g. a refused input): its own message says what
+            raise TrainingFailed(val_fold, cause, run.info.run_id, run_dir, max_failures,
+                                 int(fold_state.get("last_logged_epoch", -1))) from failure
         print(f"[train] fold {val_fold}: fit in {time.perf_counter() - started:.1f}s", flush=True)
         started = time.perf_counter()
         fold_state["last_logged_epoch"] = log_fold_to_mlflow(result, int(fold_state.get("last_logged_epoch", -1)))
-        print(f"[train] fold {val_fold}: logged to MLflow in {time.perf_counter() - started:.1f}s", flush=True)
+        print(f"[train] fold {val_fold}: epochs logged to MLflow as they ended; catch-up and wrap-up in "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
         _write_json(state_path, state)
         history = _epoch_history(result)
         final_metrics = dict(history[-1][0]) if history else {}
@@ -771,6 +958,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--tile-reader", choices=("pool", "local"), default="pool",
                         help="pool: Ray tile-reader actors (default); local: OpenSlide in the worker process")
     parser.add_argument("--inject-failure-at-epoch", type=int, help=argparse.SUPPRESS)  # fault-tolerance tests
+    # a worker that fails at this epoch on every attempt (failure-reporting tests)
+    parser.add_argument("--inject-persistent-failure-at-epoch", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -789,12 +978,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from dual_attention.config import ConfigError
     from dual_attention.manifest import ManifestError
 
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     try:
         return _main(args)
     except (ConfigError, ManifestError, CheckpointError) as error:  # bad input: say what, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:  # the cause and the way on, in one line; the details are in MLflow
+        print(f"error: {error}; continue with: {parser.prog} --resume {error.run_dir}", file=sys.stderr)
+        return 1
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -852,7 +1045,7 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device, max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
         cache_dir=args.cache_dir, overlays_per_epoch=args.overlays_per_epoch,
         tile_actors_per_worker=args.tile_actors_per_worker, tile_reader=args.tile_reader,
-        fail_at_epoch=args.inject_failure_at_epoch,
+        fail_at_epoch=args.inject_failure_at_epoch, fail_always_at_epoch=args.inject_persistent_failure_at_epoch,
     )
     print(f"[train] report: {Path(report['run_dir']) / 'report.json'}", flush=True)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,43 @@ def test_register_then_load_by_alias_and_predict_through_pyfunc(tmp_path: Path, 
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
+def test_loading_one_registered_version_twice_keeps_one_cached_copy_and_none_in_the_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cache = tmp_path / "model-cache"
+    monkeypatch.setenv(tracking.MODEL_CACHE_ENV, str(cache))
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    config = preset("cpu-small")
+    checkpoint = save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config, extra={"epoch": 0}).parent
+    tracking.setup_mlflow(tmp_path / "run", experiment="cache-test")
+    try:
+        with mlflow.start_run():
+            registered = tracking.register_model(checkpoint, config.class_names, "dual-attention-cache", "candidate")
+        uri = mlflow.get_tracking_uri()
+        before = set(system_temp.iterdir())
+        _, _, first = tracking.load_registered_model(registered.model_uri, tracking_uri=uri)
+        (entry,) = cache.iterdir()  # one copy, no partial download left behind
+        assert entry.name.startswith("dual-attention-cache-v1-")
+        model_file = Path(first["source"]) / "model.pt"
+        written = model_file.stat().st_mtime_ns
+        loaded, _, second = tracking.load_registered_model("models:/dual-attention-cache/1", tracking_uri=uri)
+        assert second["source"] == first["source"] and Path(first["source"]).is_relative_to(entry)
+        assert [p.name for p in cache.iterdir()] == [entry.name]
+        assert model_file.stat().st_mtime_ns == written  # read from the cache, not downloaded again
+        assert set(system_temp.iterdir()) == before  # nothing left in the temp folder
+        assert loaded.training is False
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def _fake_score(thumbnail_hw: tuple[int, int], downsample: int) -> SlideScore:
     height, width = thumbnail_hw
     attention = np.random.default_rng(0).random((height, width))
@@ -118,3 +157,66 @@ def test_overlay_refuses_mismatched_inputs_by_name() -> None:
         overlay_figure(thumbnail, np.zeros((10, 10)), [], 32)
     with pytest.raises(ValueError, match="glimpse trails"):
         overlay_figure(thumbnail, None, [Level0Box(0, 0, 32, 32)], 32, glimpse_trails_level0=[])
+
+
+# Opens the shared store from a run folder of its own once told to go, logs one artifact, prints where.
+_OPEN_SHARED_STORE = """
+import json, sys, time
+import json
+import time
+from pathlib import Path
+import mlflow
+from jobs import tracking
+uri, run_dir, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+tracking.setup_mlflow(run_dir, uri, "shared")
+with mlflow.start_run() as run:
+    mlflow.log_text(run_dir.name, "note.txt")
+print(json.dumps({"run_id": run.info.run_id, "artifact_uri": run.info.artifact_uri}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_open_a_fresh_shared_sqlite_store_at_once_and_keep_their_artifacts_apart(
+    tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    store = tmp_path / "store"
+    uri = tracking.sqlite_uri(store / "mlflow.db")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_SHARED_STORE, uri, str(tmp_path / name),
+                                   str(tmp_path / f"{name}.ready"), str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for name in ("run-a", "run-b")]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{name}.ready").exists() for name in ("run-a", "run-b")):  # both imported
+        assert time.monotonic() < deadline, "the store-opening processes did not start within 120 s"
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        time.sleep(0.05)
+    go.touch()  # both open the fresh store now
+    outputs = [p.communicate(timeout=120) for p in processes]
+    for process, (_out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    runs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
+    assert sorted(r.info.run_id for r in client.search_runs([experiment.experiment_id])) == sorted(
+        r["run_id"] for r in runs)
+    folders = [Path(urlparse(r["artifact_uri"]).path) for r in runs]
+    for folder, run, name in zip(folders, runs, ("run-a", "run-b"), strict=True):
+        # under the store, in the run's own folder; never inside either run folder
+        assert folder.is_relative_to((store / "mlartifacts").resolve()) and run["run_id"] in folder.parts
+        assert (folder / "note.txt").read_text() == name
+        assert not any(folder.is_relative_to((tmp_path / other).resolve()) for other in ("run-a", "run-b"))
+    assert folders[0] != folders[1]

@@ -202,3 +202,62 @@ def test_resume_continues_at_the_next_epoch_and_survives_a_lost_worker(trained_r
     versions = client.search_model_versions("name='dual-attention-her2'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert str(client.get_model_version_by_alias("dual-attention-her2", "candidate").version) == "2"
+
+
+@pytest.mark.slow
+def test_a_run_whose_worker_keeps_failing_ends_failed_with_its_cause_and_resumes_in_the_same_mlflow_run(
+    ray_cluster: None, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = (tmp_path / "run").resolve()
+    small = ["--set", "train.steps_per_epoch=1", "--set", "train.sam_warmup_steps=0", "--overlays-per-epoch", "0",
+             "--tile-reader", "local", "--no-register"]
+    # the worker fails at epoch 1 on every attempt: one restart (from the epoch-0 checkpoint), then give up
+    code = main(["--manifest", str(cohort), "--preset", "cpu-small", "--epochs", "2", "--num-workers", "1",
+                 "--val-fold", "1", "--run-dir", str(run_dir), "--device", "cpu", "--max-failures", "1",
+                 "--inject-persistent-failure-at-epoch", "1", *small])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback (most recent call last)" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "training fold 1 failed after 1 worker-group restart(s) (--max-failures 1)" in line
+    assert "injected persistent worker failure at epoch 1" in line
+    assert line.endswith(f"continue with: python -m jobs.train --resume {run_dir}")
+
+    state = json.loads((run_dir / "state.json").read_text())
+    run_id = state["folds"]["1"]["mlflow_run_id"]
+    assert state["folds"]["1"]["last_logged_epoch"] == 0
+    client, _ = _mlflow_client(run_dir)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "injected persistent worker failure at epoch 1" in run.data.tags["error"]
+    # epoch 0 reached MLflow as it ended, although the fit never returned a result
+    assert [m.step for m in client.get_metric_history(run_id, "train_l_j")] == [0]
+    assert "checkpoints/checkpoint_epoch_000/model.pt" in {
+        f.path for f in client.list_artifacts(run_id, "checkpoints/checkpoint_epoch_000")}
+    assert "error.txt" in {f.path for f in client.list_artifacts(run_id)}
+
+    # What a killed driver leaves: the MLflow run still RUNNING. Resuming continues that run.
+    client.update_run(run_id, status="RUNNING")
+    assert main(["--resume", str(run_dir), *small[-1:]]) == 0
+    assert "continuing MLflow run" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_l_j")) == [0, 1]  # none lost, none twice
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run for the whole training
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["folds"][0]["epochs_done"] == 2 and report["folds"][0]["mlflow_run_id"] == run_id
+
+
+def test_failure_cause_names_the_failed_workers_exception_in_one_line() -> None:
+    from jobs.train import failure_cause
+
+    class WorkerGroupError(Exception):
+        def __init__(self, failures: dict[int, Exception]) -> None:
+            super().__init__("Training failed due to worker errors:\n...")
+            self.worker_failures = failures
+
+    traceback_text = "Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: disk full"
+    error = WorkerGroupError({1: RuntimeError(traceback_text), 0: ValueError("bad\nValueError: no tiles")})
+    assert failure_cause(error) == "worker 0: ValueError: no tiles (and 1 more worker(s))"
+    assert failure_cause(OSError("gone")) == "OSError: gone"

@@ -59,6 +59,7 @@ SETTINGS_FILE = "search.json"
 SPACE_FILE = "space.yaml"
 RESULTS_DIR = "results"
 DEFAULT_METRIC = {"her2": "val_her2_points_fraction", "mmr": "val_f1_macro"}
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's worker poll period (--train-poll-s)
 
 
 @dataclass
@@ -150,14 +151,21 @@ def run_search(settings: SearchSettings, resume: bool = False, restart_errored: 
     """Run (or resume) a search; returns what it found. Ray is started here unless already running."""
     # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI for the whole process: put it back afterwards,
     # so that a later job in this process does not take this search's store for the user's choice.
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", TRAIN_POLL_ENV)}
+    if settings.train_poll_interval_s is not None:
+        # Set here, in the driver's own thread before Tune starts a trial: Tune hands Ray Train's variables
+        # on to every trial actor's runtime environment, and Ray Train on to the controller it starts. The
+        # trial function used to set it itself, writing the process environment from Tune's runner thread
+        # while the actor's other threads run (setenv is not safe against concurrent readers).
+        os.environ[TRAIN_POLL_ENV] = str(settings.train_poll_interval_s)
     try:
         return _run_search(settings, resume, restart_errored)
     finally:
-        if previous_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -> SearchOutcome:
@@ -216,7 +224,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     ledger = start_ledger(ledger_name)
     job = TrialJob(space=space, cohort=cohort, trial_runs_dir=str(experiment_dir / "trial_runs"), use_gpu=use_gpu,
                    max_failures=settings.max_failures, tile_actors_per_worker=settings.tile_actors_per_worker,
-                   ledger_name=ledger_name, train_poll_interval_s=settings.train_poll_interval_s)
+                   ledger_name=ledger_name)
     trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), {"CPU": per_trial["CPU"]})
 
     if resume:

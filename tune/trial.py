@@ -16,7 +16,6 @@ iteration counter.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ class TrialJob:
     max_failures: int
     tile_actors_per_worker: int
     ledger_name: str  # tune.cleanup.PlacementGroupLedger of this search
-    train_poll_interval_s: float | None = None  # Ray Train's worker poll period (Ray's default: 2 s)
 
 
 class ReportEpochsToTune(TuneReportCallback):
@@ -59,9 +57,6 @@ def train_trial(sampled: dict[str, Any], job: TrialJob) -> None:
     from jobs.train import fit_fold
     from tune.cleanup import RecordPlacementGroup
 
-    if job.train_poll_interval_s is not None:
-        # Read by the Train controller this trial starts (Ray Train propagates it from here).
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(job.train_poll_interval_s)
     config = job.space.trial_config(sampled)
     config.train.use_gpu = job.use_gpu
     trial_id = tune.get_context().get_trial_id()
