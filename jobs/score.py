@@ -21,21 +21,28 @@ import torch
 
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import ScoringError, SlideScore, score_slide
+from dual_attention.profiling import StageTimer
 from dual_attention.slides import Level0Box, SlideError, open_slide, tissue_mask
 
 
-def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0
-                     ) -> tuple[SlideScore, np.ndarray]:
-    """Both stages on one slide file, tiles read in-process. Returns the score and the thumbnail."""
-    with open_slide(slide_path) as slide:
-        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
-        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0,
+                     timer: StageTimer | None = None) -> tuple[SlideScore, np.ndarray]:
+    """Both stages on one slide file, tiles read in-process. Returns the score and the thumbnail;
+    ``timer`` records every stage (open, thumbnail, tissue mask and the pipeline's own)."""
+    timer = timer or StageTimer()
+    with timer.stage("open"):
+        slide = open_slide(slide_path)
+    with slide:
+        with timer.stage("thumbnail"):
+            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+        with timer.stage("tissue_mask"):
+            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
             return np.stack([slide.read_box(box) for box in boxes])
 
         with torch.no_grad():
-            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed)
+            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed, timer=timer)
     return score, thumbnail
 
 
@@ -84,8 +91,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    timer = StageTimer()
     try:
-        score, thumbnail = score_slide_path(model, config, args.slide, args.seed)
+        score, thumbnail = score_slide_path(model, config, args.slide, args.seed, timer=timer)
     except SlideError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     result = {"slide": str(args.slide), "model": {k: meta.get(k) for k in ("name", "version", "alias", "source")},
               "config_digest": config.digest(), "seconds": round(time.perf_counter() - started, 3),
-              **slide_score_dict(score, config)}
+              **slide_score_dict(score, config), "profile": timer.as_dict()}
     if args.overlay:
         from jobs.overlays import save_slide_score_overlay
 
