@@ -109,15 +109,25 @@ class SoftAttentionNet(nn.Module):
         pooled = F.max_pool2d(padded, k, stride=1)
         return self.to_logit(pooled)[:, 0]  # (B, H, W)
 
+    # Inference runs its activations channels-last and its max-pool as running maxima (see
+    # ``_inference_logits``); class attributes so that benchmarks/bench_slide_cost.py can measure each.
+    inference_channels_last = True
+    inference_running_max = True
+
     def _inference_logits(self, thumbnail: torch.Tensor) -> torch.Tensor:
         """``logits`` by a faster route for inference, same values: channels-last activations (oneDNN's
         convolutions ran ~1.4x faster on them, measured) and the stride-1 max-pool as two separable
         running maxima (``max_pool2d`` with stride 1 took ~30x longer on 64 channels, measured). A max
         is exact in any order, so only the convolutions' float rounding can differ."""
-        features = self.features(thumbnail.contiguous(memory_format=torch.channels_last))
+        if self.inference_channels_last:
+            thumbnail = thumbnail.contiguous(memory_format=torch.channels_last)
+        features = self.features(thumbnail)
         k = self.pool_size
         padded = F.pad(features, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), value=float("-inf"))
-        pooled = _running_max(_running_max(padded, k, dim=2), k, dim=3)
+        if self.inference_running_max:
+            pooled = _running_max(_running_max(padded, k, dim=2), k, dim=3)
+        else:
+            pooled = F.max_pool2d(padded, k, stride=1)
         return self.to_logit(pooled)[:, 0]
 
     @property

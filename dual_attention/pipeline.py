@@ -7,7 +7,10 @@ Ray actors, OpenSlide or a numpy array.
 Stages:
 
 - ``propose_tiles``: thumbnail -> attention map -> N level-0 boxes (``sampler="attention"``, the paper's
-  sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``.
+  sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``. The SAM's
+  logits are computed in ``SAM_TILE_PX`` tiles with a receptive-field halo (``SoftAttentionNet.
+  tiled_logits``), so its memory is bounded by the tile rather than the slide; the softmax runs over the
+  whole map. Training keeps the one-pass SAM (it needs gradients, on small thumbnails).
 - ``score_tiles``: tiles -> the agent's per-tile class probabilities and glimpse trails. Evaluation uses
   the policy **means** as glimpse locations; the random first glimpse (``agent.first_glimpse``) is drawn
   from a generator seeded by ``seed`` and the tile's index, as the sampler's noise in ``propose_tiles``
@@ -16,6 +19,10 @@ Stages:
   ``combine_folds`` averages fold models' slide probabilities.
 
 Training (``dual_attention.training``) uses the same networks, sampler and tile readers.
+
+A ``profiling.StageTimer`` passed to ``score_slide`` / ``propose_tiles`` records the milliseconds of each
+stage (soft attention, sampling, tile reads, agent, aggregation); callers add the stages they own (open,
+thumbnail, tissue mask), as ``jobs.score`` does for its JSON's ``"profile"``.
 """
 
 from __future__ import annotations

@@ -172,3 +172,16 @@ def test_score_job_json_has_the_profile(tmp_path: Path, shared_slides: Path) -> 
     assert list(profile["stages_ms"]) == list(SCORING_STAGES)
     assert profile["stages_ms"]["thumbnail"] > 0 and profile["stages_ms"]["agent"] > 0
     assert profile["peak_rss_bytes"] > 50 * 2**20
+
+
+@pytest.mark.parametrize(("channels_last", "running_max"), [(False, True), (True, False), (False, False)])
+def test_tiled_logits_equal_one_pass_with_each_speed_up_switched_off(
+    monkeypatch: pytest.MonkeyPatch, channels_last: bool, running_max: bool
+) -> None:
+    """The benchmark's switches (bench_slide_cost.py measures each speed-up) keep the same values."""
+    monkeypatch.setattr(SoftAttentionNet, "inference_channels_last", channels_last)
+    monkeypatch.setattr(SoftAttentionNet, "inference_running_max", running_max)
+    sam = _sam("paper-her2", seed=9)
+    thumbnail = torch.rand(1, 3, 41, 58, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        torch.testing.assert_close(sam.tiled_logits(thumbnail, 20), sam.logits(thumbnail), rtol=1e-5, atol=1e-5)
