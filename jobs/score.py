@@ -4,7 +4,8 @@
     dual-attention score --model runs/quickstart/checkpoint --slide slide.tiff --overlay overlay.png
 
 Tiles are read straight from the slide with OpenSlide; the result equals the scoring service's for the
-same model and seed.
+same model and seed. The JSON's ``"profile"`` gives the milliseconds of each stage (open, thumbnail,
+tissue_mask, soft_attention, sampling, tile_reads, agent, aggregation) and the process's peak RSS.
 """
 
 from __future__ import annotations
