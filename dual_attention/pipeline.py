@@ -51,9 +51,10 @@ ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
 
 AGENT_CHUNK_TILES = 8  # tiles per agent forward pass when scoring (bounds memory for 2048² tiles)
 # Side (thumbnail px) of the tiles in which inference computes the SAM's logits (``SoftAttentionNet.
-# tiled_logits``): activation memory is bounded by this tile, not by the slide's area. 512 keeps the halo
-# overhead near 6% (paper-her2's radius is 8 px) and the largest activation (64 channels) near 70 MB.
-SAM_TILE_PX = 512
+# tiled_logits``): activation memory is bounded by this tile, not by the slide's area. Small tiles also
+# ran faster on one CPU thread despite the halo (1024² thumbnail, CPU s, paper-her2 / paper-mmr:
+# 128 px 0.74 / 1.94, 256 px 0.86 / 2.74, 512 px 1.64 / 3.08; activations that stay in cache), so 128.
+SAM_TILE_PX = 128
 
 
 class ScoringError(ValueError):
