@@ -194,7 +194,8 @@ def main() -> None:
         # Rows of earlier runs for other (preset, variant) pairs are kept, so variants can be rerun alone.
         fresh = {(r["preset"], r["variant"]) for r in rows}
         kept = [r for r in results.get("sam", {}).get("rows", []) if (r["preset"], r["variant"]) not in fresh]
-        results["sam"] = {"thumbnail_px": [THUMB_ROWS, THUMB_COLS], "threads": 1, "rows": kept + rows}
+        results["sam"] = {"thumbnail_px": [THUMB_ROWS, THUMB_COLS], "threads": 1, "repeats": args.repeats,
+                          "rows": kept + rows}
     if args.only in (None, "thumbnail"):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "wide.tiff"
