@@ -6,6 +6,8 @@ Every network starts with ``Standardise`` (pixels centred and scaled, fixed cons
 
 - ``SoftAttentionNet``: a CNN over the thumbnail giving a softmax distribution over its pixels. Convs use
   'same' padding and the max-pool has stride 1, so the attention map keeps the thumbnail's resolution.
+  Inference computes its logits in tiles with a receptive-field halo (``tiled_logits``: memory bounded by
+  the tile, same values); training back-propagates through the one-pass ``logits``.
 - ``TileFeatureNet`` (f_f): a small residual network over one sampled tile, resized to
   ``config.tile.feature_input_px``; its features enter the attention-sampling expectation.
 - ``SamHead``: a linear classifier over the expected tile features (the SAM's own task loss).
@@ -115,10 +117,11 @@ class SoftAttentionNet(nn.Module):
     inference_running_max = True
 
     def _inference_logits(self, thumbnail: torch.Tensor) -> torch.Tensor:
-        """``logits`` by a faster route for inference, same values: channels-last activations (oneDNN's
-        convolutions ran ~1.4x faster on them, measured) and the stride-1 max-pool as two separable
-        running maxima (``max_pool2d`` with stride 1 took ~30x longer on 64 channels, measured). A max
-        is exact in any order, so only the convolutions' float rounding can differ."""
+        """``logits`` by a faster route for inference, same values: channels-last activations and the
+        stride-1 max-pool as two separable running maxima. paper-her2 over a 1536x2048 thumbnail, one
+        thread, CPU s: 24.7 with neither, 5.1 channels-last alone, 2.7 running maxima alone, 2.4 both
+        (benchmarks/RESULTS.md, "Slide cost"). A max is exact in any order, so only the convolutions'
+        float rounding can differ from ``logits``."""
         if self.inference_channels_last:
             thumbnail = thumbnail.contiguous(memory_format=torch.channels_last)
         features = self.features(thumbnail)

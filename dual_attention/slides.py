@@ -120,9 +120,9 @@ class Slide:
             region = self._read_rgb((0, 0), level, (level_width, level_height), what="thumbnail")
             return np.asarray(Image.fromarray(region).resize((cols, rows), Image.Resampling.BOX))
         # Large level: bands of whole thumbnail rows (as before), each read in chunks of columns, so that a
-        # read is bounded in both width and height. Each band is resized as one image was before: the
-        # chunks are resized with that band's geometry by ``_box_resize_8bit`` (PIL's BOX filter, bit
-        # for bit), so the thumbnail does not depend on the chunking.
+        # read is bounded in both width and height. Each band is resized as one image was before: its
+        # chunks are resized with the whole band's geometry (``_box_coefficients``, ``_box_resize_axis``:
+        # PIL's BOX filter bit for bit, in PIL's pass order), so the thumbnail does not depend on chunking.
         out = np.empty((rows, cols, 3), dtype=np.uint8)
         band_rows = max(1, int(_THUMBNAIL_BAND_LEVEL_PX * level_downsample // downsample))
         col_lo, col_hi, col_kk = _box_coefficients(level_width, cols)
@@ -232,13 +232,15 @@ def _pil_resizes_columns_first(in_width: int, in_height: int, out_width: int, ou
     """Whether PIL's two-pass resize narrows the rows (horizontal pass) before it shortens the columns.
     Each pass rounds to 8 bits, so the order shows in the pixels. Pillow 13 goes horizontal first exactly
     when 2 * (in_width - out_width) >= in_height - out_height (found by comparing both orders with
-    ``Image.resize`` on random sizes; ``tests/test_slides.py`` checks it against the installed Pillow)."""
+    ``Image.resize`` on random sizes; ``tests/test_thumbnail_chunks.py`` checks it against the installed
+    Pillow)."""
     return 2 * (in_width - out_width) >= in_height - out_height
 
 
 def _box_resize_axis(pixels: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: np.ndarray, axis: int) -> np.ndarray:
     """One pass of PIL's 8-bit BOX resize along ``axis`` of a uint8 image with ``_box_coefficients``
-    (rounded and clipped like PIL's, so that the two passes, rows after columns, match PIL's)."""
+    (rounded and clipped like PIL's, so that the two passes, in ``_pil_resizes_columns_first``'s order,
+    match PIL's)."""
     pad_shape = list(pixels.shape)
     pad_shape[axis] = 1
     padded = np.concatenate([pixels, np.zeros(pad_shape, dtype=pixels.dtype)], axis=axis)  # hi may be the end
