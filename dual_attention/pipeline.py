@@ -7,7 +7,10 @@ Ray actors, OpenSlide or a numpy array.
 Stages:
 
 - ``propose_tiles``: thumbnail -> attention map -> N level-0 boxes (``sampler="attention"``, the paper's
-  sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``.
+  sampler, or ``sampler="random"``, the Gumbel baseline over tissue). Seeded by ``seed``. The SAM's
+  logits are computed in ``SAM_TILE_PX`` tiles with a receptive-field halo (``SoftAttentionNet.
+  tiled_logits``), so its memory is bounded by the tile rather than the slide; the softmax runs over the
+  whole map. Training keeps the one-pass SAM (it needs gradients, on small thumbnails).
 - ``score_tiles``: tiles -> the agent's per-tile class probabilities and glimpse trails. Evaluation uses
   the policy **means** as glimpse locations; the random first glimpse (``agent.first_glimpse``) is drawn
   from a generator seeded by ``seed`` and the tile's index, as the sampler's noise in ``propose_tiles``
@@ -16,6 +19,10 @@ Stages:
   ``combine_folds`` averages fold models' slide probabilities.
 
 Training (``dual_attention.training``) uses the same networks, sampler and tile readers.
+
+A ``profiling.StageTimer`` passed to ``score_slide`` / ``propose_tiles`` records the milliseconds of each
+stage (soft attention, sampling, tile reads, agent, aggregation); callers add the stages they own (open,
+thumbnail, tissue mask), as ``jobs.score`` does for its JSON's ``"profile"``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.metrics import aggregate_tile_probabilities, combine_fold_probabilities
 from dual_attention.models import DualAttentionModel, images_to_tensor
+from dual_attention.profiling import StageTimer
 from dual_attention.sampling import (
     SampledLocations,
     locations_to_level0_boxes,
@@ -42,6 +50,11 @@ ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
 """For ONE slide: level-0 boxes -> (n, S, S, 3) uint8 tiles, S = config.tile.tile_level0_px, in order."""
 
 AGENT_CHUNK_TILES = 8  # tiles per agent forward pass when scoring (bounds memory for 2048² tiles)
+# Side (thumbnail px) of the tiles in which inference computes the SAM's logits (``SoftAttentionNet.
+# tiled_logits``): activation memory is bounded by this tile, not by the slide's area. Small tiles also
+# ran faster on one CPU thread despite the halo (1024² thumbnail, CPU s, paper-her2 / paper-mmr:
+# 128 px 0.74 / 1.94, 256 px 0.86 / 2.74, 512 px 1.64 / 3.08; activations that stay in cache), so 128.
+SAM_TILE_PX = 128
 
 
 class ScoringError(ValueError):
@@ -122,13 +135,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray | None = None
-                     ) -> torch.Tensor:
+def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray | None = None,
+                     tile_px: int | None = SAM_TILE_PX) -> torch.Tensor:
     """The SAM's attention (h, w) over ``thumbnail`` (h, w, 3) uint8, a softmax over the tissue pixels
-    when ``tissue_mask`` is given; with the autograd state of the caller."""
+    when ``tissue_mask`` is given; with the autograd state of the caller. Without gradients the logits
+    are computed in ``tile_px`` tiles (bounded memory, same values up to float rounding); with gradients
+    (training) or ``tile_px=None`` in one pass."""
     device = model_device(model)
     mask = None if tissue_mask is None else torch.as_tensor(np.asarray(tissue_mask, dtype=bool), device=device)[None]
-    return model.soft_attention(images_to_tensor(thumbnail).to(device), mask)[0]
+    tiled = tile_px if not torch.is_grad_enabled() else None
+    return model.soft_attention(images_to_tensor(thumbnail).to(device), mask, tile_px=tiled)[0]
 
 
 def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -162,17 +178,22 @@ def _sample(attention: np.ndarray, tissue_mask: np.ndarray, config: DualAttentio
 
 def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray,
                   level0_dims: tuple[int, int], config: DualAttentionConfig, seed: int,
-                  sampler: str = "attention") -> TileProposal:
+                  sampler: str = "attention", timer: StageTimer | None = None,
+                  sam_tile_px: int | None = SAM_TILE_PX) -> TileProposal:
     """SAM (softmax over the tissue pixels) -> sampler -> level-0 boxes, in evaluation mode (no
-    gradients), seeded by ``seed``."""
+    gradients), seeded by ``seed``. The SAM's logits are computed in ``sam_tile_px`` tiles (None: in one
+    pass, as before tiling; the two agree up to float rounding). ``timer`` records the stages."""
     check_thumbnail(thumbnail, tissue_mask, "propose_tiles")
     check_slide_fits_a_tile(level0_dims, config.tile.tile_level0_px)
-    with torch.no_grad():
-        attention = attention_map_of(model, thumbnail, tissue_mask).cpu().numpy().astype(np.float64)
-    sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
-    centers = sampled.centers_thumb_rc
-    boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample, config.tile.tile_level0_px,
-                                      level0_dims)
+    timer = timer or StageTimer()
+    with timer.stage("soft_attention"), torch.inference_mode():
+        attention = attention_map_of(model, thumbnail, tissue_mask, tile_px=sam_tile_px
+                                     ).cpu().numpy().astype(np.float64)
+    with timer.stage("sampling"):
+        sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
+        centers = sampled.centers_thumb_rc
+        boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample,
+                                          config.tile.tile_level0_px, level0_dims)
     return TileProposal(
         level0_boxes=boxes,
         attention_weights=attention[centers[:, 0], centers[:, 1]] if len(centers) else np.zeros(0),
@@ -265,12 +286,19 @@ def combine_folds(fold_scores: Sequence[SlideScore], task: str) -> SlideScore:
 
 def score_slide(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: np.ndarray,
                 level0_dims: tuple[int, int], read_tiles: ReadTiles, config: DualAttentionConfig, seed: int,
-                sampler: str = "attention") -> SlideScore:
+                sampler: str = "attention", timer: StageTimer | None = None,
+                sam_tile_px: int | None = SAM_TILE_PX) -> SlideScore:
     """Both stages end to end; deterministic for a given ``seed``. Raises ``ScoringError`` when no tile
-    can be sampled (the proposal's shortfall reason is in the message)."""
-    proposal = propose_tiles(model, thumbnail, tissue_mask, level0_dims, config, seed, sampler=sampler)
+    can be sampled (the proposal's shortfall reason is in the message). ``timer`` records the stages
+    (soft attention, sampling, tile reads, agent, aggregation); ``sam_tile_px`` as in ``propose_tiles``."""
+    timer = timer or StageTimer()
+    proposal = propose_tiles(model, thumbnail, tissue_mask, level0_dims, config, seed, sampler=sampler,
+                             timer=timer, sam_tile_px=sam_tile_px)
     if not proposal.level0_boxes:
         raise ScoringError(f"no tiles to score: {proposal.shortfall_reason}")
-    tiles = read_tiles(proposal.level0_boxes)
-    tile_scores = score_tiles(model, tiles, proposal, config, seed)
-    return aggregate(tile_scores, config.task, level0_dims, attention_map=proposal.attention_map)
+    with timer.stage("tile_reads"):
+        tiles = read_tiles(proposal.level0_boxes)
+    with timer.stage("agent"):
+        tile_scores = score_tiles(model, tiles, proposal, config, seed)
+    with timer.stage("aggregation"):
+        return aggregate(tile_scores, config.task, level0_dims, attention_map=proposal.attention_map)

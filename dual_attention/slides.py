@@ -130,16 +130,35 @@ class Slide:
         if level_width * level_height <= _THUMBNAIL_BAND_LEVEL_PX**2:
             region = self._read_rgb((0, 0), level, (level_width, level_height), what="thumbnail")
             return np.asarray(Image.fromarray(region).resize((cols, rows), Image.Resampling.BOX))
-        # Large level: read bands of whole thumbnail rows so memory stays bounded.
+        # Large level: bands of whole thumbnail rows (as before), each read in chunks of columns, so that a
+        # read is bounded in both width and height. Each band is resized as one image was before: its
+        # chunks are resized with the whole band's geometry (``_box_coefficients``, ``_box_resize_axis``:
+        # PIL's BOX filter bit for bit, in PIL's pass order), so the thumbnail does not depend on chunking.
         out = np.empty((rows, cols, 3), dtype=np.uint8)
         band_rows = max(1, int(_THUMBNAIL_BAND_LEVEL_PX * level_downsample // downsample))
+        col_lo, col_hi, col_kk = _box_coefficients(level_width, cols)
+        cols_per_chunk = max(1, int(_THUMBNAIL_BAND_LEVEL_PX // (level_width / cols)))
         for row0 in range(0, rows, band_rows):
             row1 = min(rows, row0 + band_rows)
             y0_level0 = row0 * downsample
             band_height_level = max(1, round((row1 - row0) * downsample / level_downsample))
-            band_height_level = min(band_height_level, level_height - int(y0_level0 / level_downsample))
-            band = self._read_rgb((0, y0_level0), level, (level_width, max(1, band_height_level)), what="thumbnail")
-            out[row0:row1] = np.asarray(Image.fromarray(band).resize((cols, row1 - row0), Image.Resampling.BOX))
+            band_height_level = max(1, min(band_height_level, level_height - int(y0_level0 / level_downsample)))
+            row_lo, row_hi, row_kk = _box_coefficients(band_height_level, row1 - row0)
+            for col0 in range(0, cols, cols_per_chunk):
+                col1 = min(cols, col0 + cols_per_chunk)
+                first, last = int(col_lo[col0:col1].min()), int(col_hi[col0:col1].max())
+                # Level column ``first`` in level-0 px: exact when the level's downsample is whole (levels
+                # 0, 2^k); otherwise OpenSlide places the chunk with sub-pixel interpolation (as it
+                # already did for the bands' rows), so columns near a chunk seam may differ by a grey level.
+                chunk = self._read_rgb((round(first * level_downsample), y0_level0), level,
+                                       (last - first, band_height_level), what="thumbnail")
+                across = (col_lo[col0:col1] - first, col_hi[col0:col1] - first, col_kk[col0:col1])
+                passes = [(across, 1), ((row_lo, row_hi, row_kk), 0)]
+                if not _pil_resizes_columns_first(level_width, band_height_level, cols, row1 - row0):
+                    passes.reverse()
+                for (lo, hi, kk), axis in passes:
+                    chunk = _box_resize_axis(chunk, lo, hi, kk, axis=axis)
+                out[row0:row1, col0:col1] = chunk
         return out
 
     def read_box(self, box: Level0Box, out_px: tuple[int, int] | None = None) -> np.ndarray:
@@ -190,6 +209,59 @@ class Slide:
         except ValueError as exc:  # openslide-python raises ValueError on a closed handle
             raise SlideError(self.path, f"cannot read {what}: {exc}") from None
         return _rgba_to_rgb(rgba)
+
+
+# PIL's 8-bit resampling: coefficients in fixed point with this many fraction bits (Resample.c).
+_PIL_PRECISION_BITS = 32 - 8 - 2
+
+
+def _box_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's BOX filter resizing ``in_size`` pixels to ``out_size`` along one axis, as PIL computes it
+    (``precompute_coeffs`` and ``normalize_coeffs_8bpc`` in Resample.c, the same double arithmetic):
+    output pixel j averages input pixels [lo[j], hi[j]), each with the fixed-point weight kk[j]. The box
+    weights are all 1 or 0, so one weight per output pixel describes the row exactly."""
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    ss = 1.0 / filterscale  # PIL multiplies by the reciprocal; dividing can round differently
+    lo = np.empty(out_size, dtype=np.int64)
+    hi = np.empty(out_size, dtype=np.int64)
+    kk = np.empty(out_size, dtype=np.int64)
+    for j in range(out_size):
+        center = (j + 0.5) * scale
+        xmin = max(0, int(center - support + 0.5))
+        xmax = min(in_size, int(center + support + 0.5))
+        inside = [x for x in range(xmin, xmax) if -0.5 < (x - center + 0.5) * ss <= 0.5]
+        if not inside:  # cannot happen for a box of width >= 1 pixel; PIL would write black
+            raise ValueError(f"empty box for output pixel {j} ({in_size} -> {out_size})")
+        lo[j], hi[j] = inside[0], inside[-1] + 1
+        kk[j] = int(0.5 + (1.0 / len(inside)) * (1 << _PIL_PRECISION_BITS))
+    return lo, hi, kk
+
+
+def _pil_resizes_columns_first(in_width: int, in_height: int, out_width: int, out_height: int) -> bool:
+    """Whether PIL's two-pass resize narrows the rows (horizontal pass) before it shortens the columns.
+    Each pass rounds to 8 bits, so the order shows in the pixels. Pillow 13 goes horizontal first exactly
+    when 2 * (in_width - out_width) >= in_height - out_height (found by comparing both orders with
+    ``Image.resize`` on random sizes; ``tests/test_thumbnail_chunks.py`` checks it against the installed
+    Pillow)."""
+    return 2 * (in_width - out_width) >= in_height - out_height
+
+
+def _box_resize_axis(pixels: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: np.ndarray, axis: int) -> np.ndarray:
+    """One pass of PIL's 8-bit BOX resize along ``axis`` of a uint8 image with ``_box_coefficients``
+    (rounded and clipped like PIL's, so that the two passes, in ``_pil_resizes_columns_first``'s order,
+    match PIL's)."""
+    pad_shape = list(pixels.shape)
+    pad_shape[axis] = 1
+    padded = np.concatenate([pixels, np.zeros(pad_shape, dtype=pixels.dtype)], axis=axis)  # hi may be the end
+    bounds = np.stack([lo, hi], axis=1).reshape(-1)
+    sums = np.add.reduceat(padded, bounds, axis=axis, dtype=np.int64)
+    sums = np.take(sums, np.arange(0, len(bounds), 2), axis=axis)  # [lo, hi) sums; odd entries span gaps
+    weight_shape = [1] * pixels.ndim
+    weight_shape[axis] = len(kk)
+    fixed = sums * kk.reshape(weight_shape) + (1 << (_PIL_PRECISION_BITS - 1))
+    return np.clip(fixed >> _PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
 def _rgba_to_rgb(rgba: Image.Image) -> np.ndarray:

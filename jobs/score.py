@@ -4,7 +4,8 @@
     dual-attention score --model runs/quickstart/checkpoint --slide slide.tiff --overlay overlay.png
 
 Tiles are read straight from the slide with OpenSlide; the result equals the scoring service's for the
-same model and seed.
+same model and seed. The JSON's ``"profile"`` gives the milliseconds of each stage (open, thumbnail,
+tissue_mask, soft_attention, sampling, tile_reads, agent, aggregation) and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -21,23 +22,30 @@ import torch
 
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import ScoringError, SlideScore, check_slide_fits_a_tile, score_slide
+from dual_attention.profiling import StageTimer
 from dual_attention.slides import Level0Box, SlideError, SlideInfo, open_slide, tissue_mask
 
 
-def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0
-                     ) -> tuple[SlideScore, np.ndarray, SlideInfo]:
+def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0,
+                     timer: StageTimer | None = None) -> tuple[SlideScore, np.ndarray, SlideInfo]:
     """Both stages on one slide file, tiles read in-process. Returns the score, the thumbnail and the
-    slide's info (its mpp / objective power and where they came from)."""
-    with open_slide(slide_path) as slide:
-        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)  # a corrupt file says so first
+    slide's info (its mpp / objective power and where they came from); ``timer`` records every stage
+    (open, thumbnail, tissue mask and the pipeline's own)."""
+    timer = timer or StageTimer()
+    with timer.stage("open"):
+        slide = open_slide(slide_path)
+    with slide:
+        with timer.stage("thumbnail"):
+            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)  # a corrupt file says so first
         check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
-        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+        with timer.stage("tissue_mask"):
+            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
             return np.stack([slide.read_box(box) for box in boxes])
 
         with torch.no_grad():
-            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed)
+            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed, timer=timer)
         info = slide.info
     return score, thumbnail, info
 
@@ -94,8 +102,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    timer = StageTimer()
     try:
-        score, thumbnail, info = score_slide_path(model, config, args.slide, args.seed)
+        score, thumbnail, info = score_slide_path(model, config, args.slide, args.seed, timer=timer)
     except SlideError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     result = {"slide": str(args.slide), "model": {k: meta.get(k) for k in ("name", "version", "alias", "source")},
               "config_digest": config.digest(), "seconds": round(time.perf_counter() - started, 3),
               "level0_dimensions": list(info.dimensions), "calibration": calibration_dict(info),
-              **slide_score_dict(score, config)}
+              **slide_score_dict(score, config), "profile": timer.as_dict()}
     if args.overlay:
         from jobs.overlays import save_slide_score_overlay
 
