@@ -367,11 +367,14 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     # One block per slide, so that the stages work on different slides at once.
     ds = ray.data.from_items(todo, override_num_blocks=len(todo))
     ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
-                concurrency=propose_actors, num_cpus=1)
-    ds = ds.map(read_tiles_stage, num_cpus=1)
+                compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
+    # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
+    # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which would
+    # hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
+    ds = ds.map(read_tiles_stage, num_cpus=0.5)
     ds = ds.map(AgentStage, fn_constructor_kwargs={"model": model, "settings": settings, "model_name": model_name,
                                                    "model_version": model_version},
-                concurrency=concurrency, **_agent_resources(concurrency))
+                compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
     started = time.perf_counter()
     for batch_index, batch in enumerate(_batches(ds)):
         slides, tiles = result_tables(batch, config.class_names, run)

@@ -85,6 +85,13 @@ def test_cohort_scores_match_in_process_scoring_and_a_rerun_resumes(
     assert "nothing to score: 4 slides already in" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "slides").glob("*.parquet")) == parts
 
+    # Only the failed slide is scored again (exit 1: every slide of that run failed); its newest row counts.
+    assert main([*args, "--retry-errors"]) == 1
+    assert "1/1 slides: 0 scored, 1 failed" in capsys.readouterr().out
+    again = {r["slide_id"]: r for r in read_scores(out)}
+    assert sorted(again) == sorted([*good, "broken"]) and again["broken"]["run"] == 2
+    assert all(again[s]["run"] == 1 for s in good)
+
     other = [*args[:-3], "--sampler", "random", "--quiet"]  # another job must not mix into this --out
     assert main(other) == 2
     assert "use another --out" in capsys.readouterr().err
