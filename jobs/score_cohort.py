@@ -81,6 +81,12 @@ def slides_in_folder(folder: str | Path) -> list[dict[str, Any]]:
                          "label": NO_LABEL})
     if not rows:
         raise FileNotFoundError(f"slide folder {folder}: no slide files ({', '.join(SLIDE_SUFFIXES)})")
+    seen: dict[str, str] = {}
+    for row in rows:  # a.svs and a.tiff side by side would be one slide_id: refuse rather than score one twice
+        if row["slide_id"] in seen:
+            raise ValueError(f"slide folder {folder}: {seen[row['slide_id']]} and {row['path']} are both slide "
+                             f"'{row['slide_id']}'; rename one or list the slides in a manifest")
+        seen[row["slide_id"]] = row["path"]
     return rows
 
 
@@ -343,8 +349,9 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
                  seed: int = 0, concurrency: int = 1, propose_actors: int = 1, retry_errors: bool = False,
                  cache_dir: str | None = None, progress: bool = True) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
-    writing a slides and a tiles part per batch received. Needs Ray initialised (see ``RaySession``)."""
-    import ray
+    writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
+    starts one as the other jobs do (``RaySession``), and only when there is something to score."""
+    from jobs.evaluate import RaySession
 
     if sampler not in ("attention", "random"):
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
@@ -359,6 +366,18 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     report = CohortReport(out_dir=out_dir, total=len(rows), skipped=len(rows) - len(todo), failures=[])
     if not todo:
         return report
+    with RaySession():
+        _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
+                      sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
+                      cache_dir=cache_dir, progress=progress)
+    return report
+
+
+def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
+                  report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
+                  seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool) -> None:
+    import ray
+
     run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
     settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir)
     context = ray.data.DataContext.get_current()
@@ -389,7 +408,6 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
                 report.failures.append((row["slide_id"], row["error"]))
         report.elapsed_s = time.perf_counter() - started
         print(report.progress_line(), flush=True)
-    return report
 
 
 def _batches(ds: Any) -> Iterator[list[dict[str, Any]]]:
@@ -424,7 +442,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from jobs.evaluate import RaySession
     from jobs.tracking import load_registered_model
 
     try:
@@ -437,11 +454,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         rows = slides_in_manifest(args.manifest, config.task) if args.manifest else slides_in_folder(args.slides)
         os.makedirs(args.out, exist_ok=True)
-        with RaySession():
-            report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
-                                  sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
-                                  propose_actors=args.propose_actors, retry_errors=args.retry_errors,
-                                  cache_dir=args.cache_dir, progress=not args.quiet)
+        report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
+                              sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
+                              propose_actors=args.propose_actors, retry_errors=args.retry_errors,
+                              cache_dir=args.cache_dir, progress=not args.quiet)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dual_attention.checkpoint import load_checkpoint, save_checkpoint
 from dual_attention.config import preset
@@ -14,7 +15,16 @@ from dual_attention.manifest import ManifestError, ManifestRow, manifest_rows, w
 from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import slide_seed
 from jobs.score import score_slide_path
-from jobs.score_cohort import main, read_scores, slides_in_folder, slides_in_manifest
+from jobs.score_cohort import (
+    AgentStage,
+    ProposeStage,
+    StageSettings,
+    main,
+    read_scores,
+    read_tiles_stage,
+    slides_in_folder,
+    slides_in_manifest,
+)
 
 SEED = 7
 
@@ -104,6 +114,10 @@ def test_inputs_folder_and_manifest_errors(cohort: Path, tmp_path: Path) -> None
 
     with pytest.raises(FileNotFoundError, match="no slide files"):
         slides_in_folder(tmp_path)
+    (tmp_path / "a.svs").touch()
+    (tmp_path / "a.tiff").touch()
+    with pytest.raises(ValueError, match=r"a\.svs and .*a\.tiff are both slide 'a'"):
+        slides_in_folder(tmp_path)
     with pytest.raises(ManifestError, match="another task than the model's 'mmr'"):
         slides_in_manifest(cohort, "mmr")
     # Only slide_id and path are needed; a manifest's own folder resolves its relative paths.
@@ -115,3 +129,22 @@ def test_inputs_folder_and_manifest_errors(cohort: Path, tmp_path: Path) -> None
     pq.write_table(table.select(["slide_id"]), tmp_path / "no-path.parquet")
     with pytest.raises(ManifestError, match="no-path.parquet: missing required column 'path'"):
         slides_in_manifest(tmp_path / "no-path.parquet", "her2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the agent stage's GPU path is not run")
+def test_the_agent_stage_on_a_gpu_scores_as_in_process_cpu_scoring(cohort: Path, checkpoint: Path) -> None:
+    """The stages run as plain objects (no Ray): a GPU agent actor's scores equal the CPU pipeline's to
+    float tolerance (GPU kernels differ in the last bits), with the same tiles and classes."""
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED)
+    propose = ProposeStage(load_checkpoint(checkpoint)[0], settings)
+    agent = AgentStage(load_checkpoint(checkpoint)[0], settings, "ckpt", None)
+    assert next(agent.model.parameters()).is_cuda
+    for row in slides_in_manifest(cohort, "her2"):
+        out = agent(read_tiles_stage(propose(row)))
+        if row["slide_id"] == "broken":
+            assert out["status"] == "error"
+            continue
+        expected, _, _ = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
+        assert out["status"] == "ok" and out["predicted_class"] == expected.predicted_class
+        assert [out[f"prob_{n}"] for n in config.class_names] == pytest.approx(expected.class_probabilities, abs=1e-4)
