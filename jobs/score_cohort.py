@@ -292,7 +292,10 @@ def result_tables(rows: Sequence[dict[str, Any]], class_names: Sequence[str], ru
                   "model_name": row["model_name"] or None, "model_version": row["model_version"] or None,
                   "wall_time_s": float(np.nansum(stage_s))}
         if not ok:
-            slide |= {"predicted_class": None, "predicted_label": None, "level0_pixels_read": None}
+            slide |= {"predicted_class": None, "predicted_label": None, "level0_pixels_read": None,
+                      "n_tiles": None}
+        # NaN marks what was not measured (a stage that never ran, the scores of a failed slide): null in Parquet.
+        slide = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in slide.items()}
         slides.append(slide)
         for record in json.loads(row["tile_records"]):
             tiles.append({"slide_id": row["slide_id"], **record})

@@ -63,7 +63,8 @@ def test_cohort_scores_match_in_process_scoring_and_a_rerun_resumes(
     good = {r.slide_id: r for r in manifest_rows(cohort) if r.slide_id != "broken"}
     assert sorted(rows) == sorted([*good, "broken"])
     broken = rows.pop("broken")
-    assert broken["status"] == "error" and broken["predicted_class"] is None
+    assert broken["status"] == "error" and broken["predicted_class"] is None and broken["prob_0"] is None
+    assert broken["confidence"] is None and broken["read_s"] is None and broken["thumbnail_s"] is None
     assert broken["error"].startswith("SlideError: ") and "broken.svs" in broken["error"]
 
     model, config, _ = load_checkpoint(checkpoint)
