@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 from dual_attention.config import NUM_CLASSES
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "path", "label", "task", "fold", "seed")
+# What scoring a cohort needs (jobs.score_cohort): an unlabelled list of slides is enough; label, task and
+# fold are checked as in a full manifest when present.
+SCORING_COLUMNS: tuple[str, ...] = ("slide_id", "path")
 # Columns that hold file paths; resolved against the manifest's folder when relative.
 PATH_COLUMNS: tuple[str, ...] = ("path", "tumour_mask_path")
 
@@ -88,8 +91,10 @@ def write_manifest(rows: Iterable[ManifestRow | Mapping[str, Any]], path: str | 
     return path
 
 
-def read_manifest(path: str | Path) -> pa.Table:
-    """Read and validate a manifest; path columns come back as absolute paths.
+def read_manifest(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> pa.Table:
+    """Read and validate a manifest; path columns come back as absolute paths. ``required``: the columns
+    that must be there (``SCORING_COLUMNS`` for a list of slides to score); the others are validated
+    when present.
 
     Raises ``ManifestError`` naming the file and the missing column or bad value.
     """
@@ -100,7 +105,7 @@ def read_manifest(path: str | Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
         raise ManifestError(path, f"not a readable Parquet file ({error})") from error
-    _validate(table, path)
+    _validate(table, path, required)
     base = path.resolve().parent
     for name in PATH_COLUMNS:
         if name not in table.column_names:
@@ -121,28 +126,31 @@ def _resolve(base: Path, value: str) -> Path:
     return candidate if candidate.is_absolute() else (base / candidate).resolve()
 
 
-def _validate(table: pa.Table, path: Path) -> None:
-    for name in REQUIRED_COLUMNS:
+def _validate(table: pa.Table, path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
+    for name in required:
         if name not in table.column_names:
             raise ManifestError(path, f"missing required column '{name}' (has: {', '.join(table.column_names)})")
     if table.num_rows == 0:
         raise ManifestError(path, "has no rows")
+    present = [name for name in REQUIRED_COLUMNS if name in table.column_names]
     for name in ("label", "fold", "seed"):
-        if not pa.types.is_integer(table.schema.field(name).type):
+        if name in present and not pa.types.is_integer(table.schema.field(name).type):
             raise ManifestError(path, f"column '{name}' must be integer, got {table.schema.field(name).type}")
-    for name in REQUIRED_COLUMNS:
+    for name in present:
         if table.column(name).null_count:
             raise ManifestError(path, f"column '{name}' has {table.column(name).null_count} empty value(s)")
     slide_ids = table.column("slide_id").to_pylist()
     if len(set(slide_ids)) != len(slide_ids):
         duplicate = next(s for s in slide_ids if slide_ids.count(s) > 1)
         raise ManifestError(path, f"column 'slide_id' repeats '{duplicate}'")
-    for row, (task, label) in enumerate(
-        zip(table.column("task").to_pylist(), table.column("label").to_pylist(), strict=True)
-    ):
+    if "task" not in present:
+        return
+    tasks = table.column("task").to_pylist()
+    labels = table.column("label").to_pylist() if "label" in present else [None] * len(tasks)
+    for row, (task, label) in enumerate(zip(tasks, labels, strict=True)):
         if task not in NUM_CLASSES:
             raise ManifestError(path, f"row {row}: column 'task' is '{task}', expected one of {tuple(NUM_CLASSES)}")
-        if not 0 <= label < NUM_CLASSES[task]:
+        if label is not None and not 0 <= label < NUM_CLASSES[task]:
             raise ManifestError(
                 path, f"row {row}: column 'label' is {label}, outside 0..{NUM_CLASSES[task] - 1} for task '{task}'"
             )

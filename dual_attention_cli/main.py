@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("tune.search", "Ray Tune search over alpha, delta, the noise range and learning rates"),
     "serve": ("serve.cli", "start the HTTP scoring service (Ray Serve) on 127.0.0.1"),
     "score": ("jobs.score", "score one slide locally: JSON + overlay PNG"),
+    "score-cohort": ("jobs.score_cohort", "score a cohort as a Ray Data job: Parquet slide and tile scores, resumable"),
     "bench": ("dual_attention_cli.bench", "list or run the benchmarks"),
     "quickstart": ("dual_attention_cli.quickstart", "the whole product end to end on a small synthetic cohort"),
 }
