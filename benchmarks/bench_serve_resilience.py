@@ -12,8 +12,8 @@ initialised (timing does not depend on training); good slide: synthetic HER2 409
 
 1. Hostile declarations. Two valid tiled TIFFs, tiny on disk: 16384² of blank (white) tiles, and a sparse
    one declaring 10^6 x 10^6 px. Three phases in one run, each with 4 good clients scoring the good slide:
-   quiet (no hostile traffic), hostile (2 more clients score the hostile slides by name and by upload,
-   alternating, for as long as the good clients run), quiet again (drift). Good p50/p99 per phase, hostile
+   quiet (no hostile traffic), hostile (4 more clients, one per hostile slide x by name / by upload, each
+   sending a few requests back to back; the good clients go on until they are done), quiet again (drift). Good p50/p99 per phase, hostile
    answers' statuses and latencies, and the service's RSS (sum over Ray worker processes, psutil) before,
    peak during (sampled every 0.25 s) and after. Targets: good p99 <= 2x quiet; hostile 413/422 within the
    deadline; RSS bounded.
@@ -65,6 +65,7 @@ async def _generate(spec: dict) -> dict:
     stop_at = time.time() + spec["max_s"]
     records: list[dict] = []
     good_running = [sum(1 for c in spec["clients"] if c["kind"] == "good")]
+    hostile_running = [sum(1 for c in spec["clients"] if c["kind"] == "hostile")]
 
     async def one(client: httpx.AsyncClient, request: dict) -> dict:
         t0 = time.time()
@@ -86,8 +87,12 @@ async def _generate(spec: dict) -> dict:
 
     async def client_loop(index: int, client_spec: dict, client: httpx.AsyncClient) -> None:
         requests = client_spec["requests"]
+        # Good clients send at least ``min_requests``, and go on while hostile clients still send;
+        # hostile clients stop when the good ones do. Every loop ends at ``max_requests`` or ``max_s``.
         for n in range(client_spec["max_requests"]):
             if time.time() >= stop_at or (client_spec["kind"] == "hostile" and good_running[0] == 0):
+                break
+            if client_spec["kind"] == "good" and n >= client_spec.get("min_requests", 0) and not hostile_running[0]:
                 break
             request = requests[n % len(requests)]
             record = await one(client, request)
@@ -95,6 +100,8 @@ async def _generate(spec: dict) -> dict:
             records.append(record)
         if client_spec["kind"] == "good":
             good_running[0] -= 1
+        else:
+            hostile_running[0] -= 1
 
     limits = httpx.Limits(max_connections=len(spec["clients"]), max_keepalive_connections=len(spec["clients"]))
     async with httpx.AsyncClient(base_url=spec["url"], timeout=spec["timeout_s"], limits=limits) as client:
@@ -116,7 +123,7 @@ def finish_load(process: subprocess.Popen, timeout_s: float) -> list[dict]:
 
 
 def good_clients(n_clients: int, max_requests: int, seed0: int = 0) -> list[dict]:
-    return [{"kind": "good", "max_requests": max_requests,
+    return [{"kind": "good", "max_requests": max_requests, "min_requests": max_requests,
              "requests": [{"json": {"slide": "her2-4096.tiff", "seed": seed0 + i}, "name": "her2-4096.tiff"}]}
             for i in range(n_clients)]
 
@@ -144,14 +151,23 @@ def write_declared_slide(path: Path, side_px: int, tile_px: int, blank_tiles: bo
 
 
 def ray_processes() -> list:
-    import psutil
-    import ray  # noqa: F401  (puts the psutil that Ray bundles on sys.path)
+    """This benchmark's Ray worker processes: ``ray::`` titled descendants of its own raylet (other Ray
+    clusters on the machine are left out, and never killed)."""
+    from ray._private import ray_constants, worker  # importing ray puts the psutil it bundles on sys.path
 
+    # isort: split
+    import psutil
+
+    raylet = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     found = []
-    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-        cmdline = process.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::"):
-            found.append(process)
+    for process in psutil.Process(raylet).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+            if cmdline and cmdline[0].startswith("ray::"):
+                process.info = {"pid": process.pid, "cmdline": cmdline, "memory_info": process.memory_info()}
+                found.append(process)
+        except psutil.Error:  # exited meanwhile
+            continue
     return found
 
 
@@ -224,7 +240,8 @@ def summarize_good(records: list[dict]) -> dict:
             "throughput_rps": len(ok) / wall if wall else None}
 
 
-def hostile_part(url: str, slide_root: Path, per_client: int, deadline_s: float, max_s: float) -> dict:
+def hostile_part(url: str, slide_root: Path, per_client: int, per_hostile: int, deadline_s: float,
+                 max_s: float) -> dict:
     hostile_requests = []
     for name in HOSTILE:
         hostile_requests.append({"json": {"slide": name}, "name": f"{name} (by name)"})
@@ -236,8 +253,10 @@ def hostile_part(url: str, slide_root: Path, per_client: int, deadline_s: float,
     for phase in ("quiet", "hostile", "quiet after"):
         clients = good_clients(4, per_client, seed0=100)
         if phase == "hostile":
-            clients += [{"kind": "hostile", "max_requests": 10 * per_client, "requests": hostile_requests[i::2]}
-                        for i in range(2)]
+            for client in clients:  # at least per_client each, then on while the hostile clients send
+                client["max_requests"] = 100 * per_client
+            clients += [{"kind": "hostile", "max_requests": per_hostile, "requests": [request]}
+                        for request in hostile_requests]
         sampler = RssSampler()
         sampler.start()
         records = finish_load(start_load({**common, "clients": clients}), max_s + deadline_s + 60)
@@ -374,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dual-attention-bench-resilience"))
     parser.add_argument("--requests", type=int, default=40, help="good requests per client per hostile phase")
+    parser.add_argument("--hostile-requests", type=int, default=4, help="requests per hostile client")
     parser.add_argument("--kill-window-s", type=float, default=25.0, help="load window around each kill")
     parser.add_argument("--quick", action="store_true", help="fewer requests, shorter kill windows")
     parser.add_argument("--skip-hostile", action="store_true")
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(_generate(spec))))
         return 0
     if args.quick:
-        args.requests, args.kill_window_s = 8, 15.0
+        args.requests, args.hostile_requests, args.kill_window_s = 8, 2, 15.0
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -419,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         print("ray processes:", ", ".join(titles), flush=True)
         if not args.skip_hostile:
             print("1. hostile declarations", flush=True)
-            result["hostile"] = hostile_part(url, slide.parent, args.requests, deadline_s, max_s=300)
+            result["hostile"] = hostile_part(url, slide.parent, args.requests, args.hostile_requests,
+                                            deadline_s, max_s=300)
         if not args.skip_kills:
             print("2. replica kills", flush=True)
             result["kills"] = kill_part(url, args.kill_window_s, kill_after_s=args.kill_window_s / 3,
