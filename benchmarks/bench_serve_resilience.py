@@ -290,20 +290,26 @@ TARGETS = [  # (label, process title prefix, Serve deployment or None)
 ]
 
 
-def wait_healthy(prefix: str, deployment: str | None, expected: int, killed_pid: int, timeout_s: float) -> float | None:
-    """Wall-clock time at which the target is whole again: ``expected`` processes of its title, none the
-    killed one, and (a Serve deployment) Serve reporting HEALTHY with ``expected`` RUNNING replicas."""
+def wait_healthy(prefix: str, deployment: str | None, expected: int, before: list[int], killed_pid: int,
+                 timeout_s: float) -> tuple[float | None, float | None]:
+    """Wall-clock times at which a replacement process (a pid of the target's title not there before the
+    kill) is first seen, and at which the target is whole again: ``expected`` processes of its title,
+    none the killed one, and (a Serve deployment) Serve reporting HEALTHY with ``expected`` RUNNING
+    replicas."""
     stop = time.time() + timeout_s
+    spawned_at = None
     while time.time() < stop:
         pids = pids_titled(prefix)
+        if spawned_at is None and set(pids) - set(before):
+            spawned_at = time.time()
         whole = len(pids) >= expected and killed_pid not in pids
         if whole and deployment is not None:
             status, running = deployment_state(deployment)
             whole = status == "HEALTHY" and running >= expected
         if whole:
-            return time.time()
+            return spawned_at, time.time()
         time.sleep(0.1)
-    return None
+    return spawned_at, None
 
 
 def kill_part(url: str, window_s: float, kill_after_s: float, deadline_s: float) -> list[dict]:
@@ -320,7 +326,7 @@ def kill_part(url: str, window_s: float, kill_after_s: float, deadline_s: float)
         victim = pids[0]
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        healthy_at = wait_healthy(prefix, deployment, expected, victim, timeout_s=window_s + 30)
+        spawned_at, healthy_at = wait_healthy(prefix, deployment, expected, pids, victim, timeout_s=window_s + 30)
         records = finish_load(process, window_s + deadline_s + 60)
         after = [r for r in records if r["t1"] >= killed_at]  # answered after the kill
         failed = [r for r in records if r["status"] != 200]
@@ -336,6 +342,7 @@ def kill_part(url: str, window_s: float, kill_after_s: float, deadline_s: float)
             "failure_details": sorted({(r.get("detail") or "")[:160] for r in failed}),
             "recovery_requests_s": None if first_ok_after is None else first_ok_after - killed_at,
             "recovery_healthy_s": None if healthy_at is None else healthy_at - killed_at,
+            "replacement_process_seen_s": None if spawned_at is None else spawned_at - killed_at,
             "max_latency_after_kill_s": max((r["t1"] - r["t0"] for r in after), default=None),
         })
         print(f"  kill {label}: {rows[-1]}", flush=True)
@@ -376,15 +383,16 @@ def tables_kills(result: dict, lines: list[str]) -> str:
         return "\n".join(lines)
     lines += ["### kill -9 of one replica under 4 clients", "",
               "| killed | replicas | requests (answered after kill) | failed | failure statuses | 503 JSON + "
-              "Retry-After | requests succeed again after s | Serve healthy again after s | max latency after "
-              "kill ms |", "|---|---|---|---|---|---|---|---|---|"]
+              "Retry-After | requests succeed again after s | replacement process up after s | healthy again after s | "
+              "max latency after kill ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["kills"]:
         def seconds(value: float | None) -> str:
             return "-" if value is None else f"{value:.2f}"
         lines.append(f"| {row['target']} | {row['replicas']} | {row['requests']} ({row['answered_after_kill']}) | "
                      f"{row['failed']} | {', '.join(map(str, row['failed_statuses'])) or '-'} | "
                      f"{row['failures_503_json_retry_after']} / {row['failed']} | "
-                     f"{seconds(row['recovery_requests_s'])} | {seconds(row['recovery_healthy_s'])} | "
+                     f"{seconds(row['recovery_requests_s'])} | {seconds(row.get('replacement_process_seen_s'))} | "
+                     f"{seconds(row['recovery_healthy_s'])} | "
                      f"{ms(row['max_latency_after_kill_s'])} |")
     return "\n".join(lines)
 
