@@ -478,6 +478,8 @@ def test_serve_config_yaml_is_a_valid_deploy_config(tmp_path: Path) -> None:
     args = {k: v for k, v in app.args.items() if k not in serve_only}
     settings = ServeSettings.from_env({**args, "work_dir": str(tmp_path)}, env={"DUAL_ATTENTION_MODEL": "models:/m@a"})
     assert settings.max_level0_pixels == 2 * 10**10 and settings.request_deadline_s == 120
+    # a pyramid-less 16384² slide of blank tiles (tiny on disk) is refused on its header, not decoded
+    assert settings.max_thumbnail_decode_bytes < 16384**2 * 4
 
 
 # -- units without Ray -----------------------------------------------------------------------------------
