@@ -13,7 +13,8 @@ initialised (timing does not depend on training); good slide: synthetic HER2 409
 1. Hostile declarations. Two valid tiled TIFFs, tiny on disk: 16384² of blank (white) tiles, and a sparse
    one declaring 10^6 x 10^6 px. Three phases in one run, each with 4 good clients scoring the good slide:
    quiet (no hostile traffic), hostile (4 more clients, one per hostile slide x by name / by upload, each
-   sending a few requests back to back; the good clients go on until they are done), quiet again (drift). Good p50/p99 per phase, hostile
+   sending requests back to back while the good clients run; the good clients go on until each hostile
+   client has had a few answers), quiet again (drift). Good p50/p99 per phase, hostile
    answers' statuses and latencies, and the service's RSS (sum over Ray worker processes, psutil) before,
    peak during (sampled every 0.25 s) and after. Targets: good p99 <= 2x quiet; hostile 413/422 within the
    deadline; RSS bounded.
@@ -87,8 +88,10 @@ async def _generate(spec: dict) -> dict:
 
     async def client_loop(index: int, client_spec: dict, client: httpx.AsyncClient) -> None:
         requests = client_spec["requests"]
-        # Good clients send at least ``min_requests``, and go on while hostile clients still send;
-        # hostile clients stop when the good ones do. Every loop ends at ``max_requests`` or ``max_s``.
+        sent = 0
+        # Good clients send at least ``min_requests``, and go on until every hostile client has sent its
+        # ``min_requests``; hostile clients go on until the good ones stop. Every loop ends at
+        # ``max_requests`` or ``max_s``.
         for n in range(client_spec["max_requests"]):
             if time.time() >= stop_at or (client_spec["kind"] == "hostile" and good_running[0] == 0):
                 break
@@ -98,9 +101,12 @@ async def _generate(spec: dict) -> dict:
             record = await one(client, request)
             record.update(client=index, kind=client_spec["kind"], name=request.get("name", ""))
             records.append(record)
+            sent = n + 1
+            if client_spec["kind"] == "hostile" and sent == client_spec["min_requests"]:
+                hostile_running[0] -= 1  # sent its share; goes on while the good clients run
         if client_spec["kind"] == "good":
             good_running[0] -= 1
-        else:
+        elif sent < client_spec["min_requests"]:  # stopped early (max_s)
             hostile_running[0] -= 1
 
     limits = httpx.Limits(max_connections=len(spec["clients"]), max_keepalive_connections=len(spec["clients"]))
@@ -255,8 +261,8 @@ def hostile_part(url: str, slide_root: Path, per_client: int, per_hostile: int, 
         if phase == "hostile":
             for client in clients:  # at least per_client each, then on while the hostile clients send
                 client["max_requests"] = 100 * per_client
-            clients += [{"kind": "hostile", "max_requests": per_hostile, "requests": [request]}
-                        for request in hostile_requests]
+            clients += [{"kind": "hostile", "min_requests": per_hostile, "max_requests": 50 * per_hostile,
+                         "requests": [request]} for request in hostile_requests]
         sampler = RssSampler()
         sampler.start()
         records = finish_load(start_load({**common, "clients": clients}), max_s + deadline_s + 60)
