@@ -230,8 +230,7 @@ def deploy(checkpoint: Path, slide_root: Path, work_dir: Path) -> dict:
             "soft_replicas": counts["SoftAttentionStage"], "hard_replicas": counts["HardAttentionStage"]}
     serve.run(build_app(args), name=APP, route_prefix="/")
     return {"args": {k: v for k, v in args.items() if k not in ("model", "slide_root", "work_dir")},
-            "replicas": counts,  # config.yaml's health_check_period_s are the deployments' code defaults too
-            "health_check_period_s": {name: d.get("health_check_period_s") for name, d in deployments.items()}}
+            "replicas": counts}
 
 
 # -- 1. hostile declarations -----------------------------------------------------------------------------

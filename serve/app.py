@@ -55,7 +55,6 @@ from serve.schemas import (
 )
 from serve.settings import ServeSettings
 from serve.stages import (
-    HEALTH_CHECK_PERIOD_S,
     DeadlineExceeded,
     HardAttentionStage,
     HardResult,
@@ -71,8 +70,7 @@ T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=2, max_ongoing_requests=64,
-                  health_check_period_s=HEALTH_CHECK_PERIOD_S)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=2, max_ongoing_requests=64)
 @serve.ingress()
 class ScoringIngress:
     def __init__(self, soft: DeploymentHandle, hard: DeploymentHandle, settings: ServeSettings) -> None:

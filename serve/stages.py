@@ -37,10 +37,6 @@ from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, open_slide
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
 
-# Serve notices a dead replica only at its next health check (default every 10 s); at 2 s a killed replica
-# is replaced within seconds (benchmarks/bench_serve_resilience.py). serve/config.yaml says the same.
-HEALTH_CHECK_PERIOD_S = 2.0
-
 
 class ModelNotLoaded(RuntimeError):
     """The stage has no model (it failed to load); the message says why (HTTP 503)."""
@@ -157,7 +153,6 @@ class _ModelHolder:
     ray_actor_options={"num_cpus": 0.5},
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
     max_ongoing_requests=4,
-    health_check_period_s=HEALTH_CHECK_PERIOD_S,
 )
 class SoftAttentionStage:
     def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
@@ -221,7 +216,6 @@ def _tiles_in(jobs: list[TileJob]) -> int:
     ray_actor_options={"num_cpus": 0.5},
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
     max_ongoing_requests=16,
-    health_check_period_s=HEALTH_CHECK_PERIOD_S,
 )
 class HardAttentionStage:
     def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
