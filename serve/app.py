@@ -13,23 +13,27 @@ ingress replica can answer for them and the ingress runs several replicas. The t
 their own.
 
 Each scoring request has a deadline (``request_deadline_s``): it bounds the wait on every stage and is
-checked between them, so a request never waits on a stuck stage past it (HTTP 504).
+checked between them, so a request never waits on a stuck stage past it (HTTP 504). A model-stage call
+whose replica dies under it (``kill -9``, a crash) is sent once more: the stages are idempotent, and the
+other replica, or the replacement Serve starts, answers it (``benchmarks/bench_serve_resilience.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from dual_attention.config import DualAttentionConfig
@@ -62,6 +66,8 @@ from serve.stages import (
 )
 
 T = TypeVar("T")
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, num_replicas=2, max_ongoing_requests=64)
@@ -133,6 +139,20 @@ class ScoringIngress:
         except TimeoutError:
             raise DeadlineExceeded(f"request deadline of {limit_s:g} s passed during the {stage} stage") from None
 
+    async def _call_stage(self, call: Callable[[], Awaitable[T]], stage: str, deadline: float) -> T:
+        """``call()`` through ``_stage``, and once more if the replica that took it died (a
+        ``RayActorError``: killed, crashed or unreachable). The stage calls are idempotent (their result
+        is a function of their arguments), and Serve's router sends the second call to a live replica, or
+        holds it until the replacement is up; a second death, or any other error, is raised (a dead
+        replica answers 503)."""
+        try:
+            return await self._stage(call(), stage, deadline)
+        except Exception as error:
+            if not isinstance(root_cause(error), RayActorError):
+                raise
+            logger.warning("the %s replica died during a call (%s); calling again", stage, type(error).__name__)
+        return await self._stage(call(), stage, deadline)
+
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
                     seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
@@ -140,14 +160,14 @@ class ScoringIngress:
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
         deadline = received_at + self.settings.request_deadline_s
-        info = await self._stage(self.model_info(), "model", deadline)
+        info = await self._call_stage(self.model_info, "model", deadline)
         config = DualAttentionConfig.from_dict((await self._describe())["config"])
         n_glimpses = n_glimpses or config.agent.n_glimpses
 
         start = time.perf_counter()
-        soft: SoftResult = await self._stage(
-            self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
-                                     cache_handle=not is_upload), "soft-attention", deadline)
+        soft: SoftResult = await self._call_stage(
+            lambda: self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
+                                             cache_handle=not is_upload), "soft-attention", deadline)
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -158,8 +178,8 @@ class ScoringIngress:
         start = time.perf_counter()
         # The hard stage needs boxes and weights, not the attention map.
         light_proposal = dataclasses.replace(soft.proposal, attention_map=np.zeros((0, 0)))
-        hard: HardResult = await self._stage(
-            self.hard.score.remote(TileJob(tiles, light_proposal, n_glimpses, seed)), "hard-attention", deadline)
+        job = TileJob(tiles, light_proposal, n_glimpses, seed)
+        hard: HardResult = await self._call_stage(lambda: self.hard.score.remote(job), "hard-attention", deadline)
         tile_scores = hard.tile_scores
         hard_s = time.perf_counter() - start
 

@@ -465,10 +465,11 @@ def test_serve_config_yaml_is_a_valid_deploy_config(tmp_path: Path) -> None:
     assert names == {ScoringIngress.name, SoftAttentionStage.name, HardAttentionStage.name}
     for deployment in app.deployments:
         assert 0 < deployment.ray_actor_options.num_cpus < 1  # fractional: the machine has 2 cores
-    # a dying replica leaves another to answer: the ingress (overlays on disk) and the soft stage run two
+    # a dying replica leaves another to answer: the ingress (overlays on disk) and both stages run two
     by_name = {d.name: d for d in app.deployments}
     assert by_name[ScoringIngress.name].num_replicas >= 2
     assert by_name[SoftAttentionStage.name].autoscaling_config["min_replicas"] >= 2
+    assert by_name[HardAttentionStage.name].autoscaling_config["min_replicas"] >= 2  # a kill would stall all
     # the proxy's timeout is the safety net behind the app's own (JSON) deadline
     assert config.http_options.request_timeout_s > app.args["request_deadline_s"] > 0
     from serve.settings import ServeSettings
@@ -477,6 +478,8 @@ def test_serve_config_yaml_is_a_valid_deploy_config(tmp_path: Path) -> None:
     args = {k: v for k, v in app.args.items() if k not in serve_only}
     settings = ServeSettings.from_env({**args, "work_dir": str(tmp_path)}, env={"DUAL_ATTENTION_MODEL": "models:/m@a"})
     assert settings.max_level0_pixels == 2 * 10**10 and settings.request_deadline_s == 120
+    # a pyramid-less 16384² slide of blank tiles (tiny on disk) is refused on its header, not decoded
+    assert settings.max_thumbnail_decode_bytes < 16384**2 * 4
 
 
 # -- units without Ray -----------------------------------------------------------------------------------
@@ -656,6 +659,52 @@ def test_request_deadline_is_checked_between_and_during_stages(tmp_path: Path) -
         asyncio.run(score(time.perf_counter() - 1))  # validation alone used up the deadline
     answer = error_response(during.value, slide_name="s.svs")
     assert answer.status_code == 504 and b"soft-attention" in answer.body
+
+
+def test_a_stage_call_whose_replica_died_is_sent_once_more(tmp_path: Path) -> None:
+    """A kill -9 of a model-stage replica under load: the ingress sends the call again (Serve routes it to a
+    live replica) instead of answering 503; a second death, or a request error, is not retried."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    from dual_attention.slides import SlideError
+    from serve.app import ScoringIngress
+    from serve.http_api import error_response
+    from serve.settings import ServeSettings
+
+    settings = ServeSettings.from_env({"model_uri": "models:/m/1", "slide_root": str(tmp_path),
+                                       "work_dir": str(tmp_path / "work"), "request_deadline_s": 5})
+    written = next(k for k in ScoringIngress.func_or_class.__mro__[1:] if k.__name__ == "ScoringIngress")
+    ingress = object.__new__(written)
+    written.__init__(ingress, SimpleNamespace(), SimpleNamespace(), settings)
+
+    def stage(*outcomes: object):  # a stage method whose calls raise or return the outcomes in turn
+        calls = []
+
+        async def call() -> object:
+            outcome = outcomes[len(calls)]
+            calls.append(outcome)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        return call, calls
+
+    async def run(call: object) -> object:
+        return await ingress._call_stage(call, "soft-attention", time.perf_counter() + 5)
+
+    for died in (ActorDiedError(), ActorUnavailableError("replica unreachable", None),
+                 RayTaskError("SoftAttentionStage.propose", "Traceback ...", ActorDiedError()).as_instanceof_cause()):
+        call, calls = stage(died, "proposal")
+        assert asyncio.run(run(call)) == "proposal" and len(calls) == 2
+    call, calls = stage(ActorDiedError(), ActorDiedError(), "never")
+    with pytest.raises(ActorDiedError) as twice:
+        asyncio.run(run(call))
+    assert len(calls) == 2 and error_response(twice.value).status_code == 503
+    call, calls = stage(SlideError("/s/a.svs", "truncated"), "never")
+    with pytest.raises(SlideError):
+        asyncio.run(run(call))
+    assert len(calls) == 1
 
 
 def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(service: Service) -> None:
