@@ -445,13 +445,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from jobs.tracking import load_registered_model
+    from jobs.tracking import load_model_for_cli
 
-    try:
-        model, config, meta = load_registered_model(args.model, tracking_uri=args.mlflow_uri)
-    except Exception as error:  # noqa: BLE001 - any load failure is reported the same way
-        print(f"error: cannot load model {args.model}: {error}", file=sys.stderr)
+    loaded = load_model_for_cli(args.model, args.mlflow_uri)
+    if loaded is None:
         return 2
+    model, config, meta = loaded
     # A checkpoint has no registry name: its resolved path names it (the same however it was spelled).
     model_name = meta["name"] or meta["source"]
     try:

@@ -433,3 +433,15 @@ def load_registered_model(ref: str | Path, tracking_uri: str | None = None,
     model.eval()
     meta = {"name": name, "version": str(version.version), "alias": alias, "source": str(checkpoint_dir)}
     return model, config, meta
+
+
+def load_model_for_cli(ref: str, tracking_uri: str | None) -> tuple[Any, Any, dict[str, Any]] | None:
+    """``load_registered_model`` for a command line: None, with one ``error: cannot load model ...`` line
+    on stderr, when the model cannot be loaded (the caller exits 2)."""
+    import sys
+
+    try:
+        return load_registered_model(ref, tracking_uri=tracking_uri)
+    except Exception as error:  # noqa: BLE001 - any load failure is reported the same way
+        print(f"error: cannot load model {ref}: {error}", file=sys.stderr)
+        return None

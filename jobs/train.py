@@ -79,7 +79,7 @@ class _Timer:
     several threads at once (``training.training_step``), so this is read time, not time the step
     waited: that is the step's ``tile_wait_s``."""
 
-    tile_wait_s: float = 0.0
+    read_s: float = 0.0
     level0_pixels: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,7 +90,7 @@ class _Timer:
                 return read_tiles(boxes)
             finally:
                 with self._lock:
-                    self.tile_wait_s += time.perf_counter() - start
+                    self.read_s += time.perf_counter() - start
                     self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
 
         return timed
@@ -190,7 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if fail_always_at is not None and epoch == fail_always_at and rank == world - 1:
                 raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
             epoch_start = time.perf_counter()
-            timer.tile_wait_s, timer.level0_pixels = 0.0, 0
+            timer.read_s, timer.level0_pixels = 0.0, 0
             live = [i for i in train_ids if i not in bad_slides]
             plan = training.class_balanced_batches([examples[i].label for i in live], config.num_classes,
                                                    config.train.slides_per_batch, n_steps * world,
@@ -214,7 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                           bad_slides)
             local = {"terms": training.mean_terms(step_terms), "val_rows": [
                 training.prediction_row(v, config) for v in validated],
-                "train_seconds": train_seconds, "train_tile_wait_s": train_wait, "tile_wait_s": timer.tile_wait_s,
+                "train_seconds": train_seconds, "train_tile_wait_s": train_wait, "read_s": timer.read_s,
                 "level0_pixels": timer.level0_pixels, "epoch_seconds": time.perf_counter() - epoch_start,
                 "bad_slides": dict(bad_slides), "steps": len(step_terms)}
             gathered: list[Any] = [None] * world
@@ -313,7 +313,7 @@ def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[d
         "train_tile_wait_seconds": float(np.mean(worker_wait_s)),
         "train_compute_seconds": float(np.mean([t - w for t, w in zip(worker_train_s, worker_wait_s, strict=True)])),
         "train_tile_wait_fraction": float(np.sum(worker_wait_s) / max(np.sum(worker_train_s), 1e-9)),
-        "tile_wait_seconds_total": float(sum(g["tile_wait_s"] for g in gathered)),
+        "tile_wait_seconds_total": float(sum(g["read_s"] for g in gathered)),  # inside ReadTiles, train + val
         "level0_pixels_read": float(sum(g["level0_pixels"] for g in gathered)),
         "train_steps_per_worker": float(max(g["steps"] for g in gathered)),
         "slides_skipped_in_training": float(len(bad_slides)),
