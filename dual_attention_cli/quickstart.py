@@ -102,6 +102,9 @@ def ensure_cohort(options: QuickstartOptions) -> Path:
 def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on 127.0.0.1 only
+    from serve.settings import patient_serve_proxy
+
+    patient_serve_proxy()
     import httpx
     import ray
     from ray import serve

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("error: no model: pass --model or set DUAL_ATTENTION_MODEL", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    from serve.settings import patient_serve_proxy
+
+    patient_serve_proxy()
     import ray
     from ray import serve
 

@@ -143,3 +143,11 @@ def _number(name: str, raw: Any) -> float:
         return float(raw)
     except (TypeError, ValueError):
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+def patient_serve_proxy() -> None:
+    """Give Serve's HTTP proxy 30 s, not Ray 2.60's 5 s, to pass its readiness check. On a loaded 2-core
+    machine the proxy's start took longer; Serve then killed it and ``serve.start`` failed with
+    ``ActorDiedError: ProxyActor`` (seen in the quickstart test). Call before ``ray.init``: the Serve
+    controller this process starts inherits the environment. An explicit setting wins."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")

@@ -73,6 +73,9 @@ def ray_cluster() -> Iterator[None]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_GCS_PORT_WAIT_S)
+    from serve.settings import patient_serve_proxy
+
+    patient_serve_proxy()
     import ray
 
     if not ray.is_initialized():
