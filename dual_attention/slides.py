@@ -22,6 +22,8 @@ import openslide
 from PIL import Image
 from skimage import color, filters, morphology
 
+from dual_attention.tiff_tiles import TiffTileLevels
+
 DEFAULT_THUMBNAIL_DOWNSAMPLE = 32
 FALLBACK_OBJECTIVE_POWER = 40.0  # when a file records neither objective power nor a plausible mpp
 PLAUSIBLE_MPP_RANGE = (0.05, 20.0)  # µm/px; a 72-dpi TIFF tag gives 352 µm/px, which is no microscope
@@ -96,6 +98,9 @@ class Slide:
         except OSError as exc:
             raise SlideError(self.path, f"cannot read file: {exc}") from None
         self.info = _slide_info(self.path, self._osr)
+        # JPEG-tiled TIFF levels (Aperio, generic TIFF) are read straight from their tiles: the same pixels
+        # as OpenSlide's, 6-20x faster (dual_attention/tiff_tiles.py); None: OpenSlide reads everything.
+        self._tiff_tiles = TiffTileLevels.open(self.path, self.info.vendor, self.info.level_dimensions)
 
     # -- metadata ---------------------------------------------------------------------------------------
     @property
@@ -191,6 +196,8 @@ class Slide:
 
     def close(self) -> None:
         self._osr.close()
+        if self._tiff_tiles is not None:
+            self._tiff_tiles.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -202,6 +209,9 @@ class Slide:
         return f"Slide({self.path!r}, {self.dimensions[0]}x{self.dimensions[1]}, {self.info.vendor})"
 
     def _read_rgb(self, location_level0: tuple[int, int], level: int, size: tuple[int, int], what: str) -> np.ndarray:
+        fast = self._read_tiff_tiles(location_level0, level, size)
+        if fast is not None:
+            return fast
         try:
             rgba = self._osr.read_region(location_level0, level, size)
         except openslide.OpenSlideError as exc:
@@ -209,6 +219,19 @@ class Slide:
         except ValueError as exc:  # openslide-python raises ValueError on a closed handle
             raise SlideError(self.path, f"cannot read {what}: {exc}") from None
         return _rgba_to_rgb(rgba)
+
+
+    def _read_tiff_tiles(self, location_level0: tuple[int, int], level: int, size: tuple[int, int]
+                         ) -> np.ndarray | None:
+        """The region from the TIFF's own tiles when it starts on a whole level pixel (OpenSlide interpolates
+        a location between level pixels, which this reader does not imitate); else ``None``."""
+        if self._tiff_tiles is None:
+            return None
+        downsample = self.info.level_downsamples[level]
+        whole = round(downsample)
+        if abs(downsample - whole) > 1e-9 or location_level0[0] % whole or location_level0[1] % whole:
+            return None
+        return self._tiff_tiles.read(level, location_level0[0] // whole, location_level0[1] // whole, *size)
 
 
 # PIL's 8-bit resampling: coefficients in fixed point with this many fraction bits (Resample.c).
