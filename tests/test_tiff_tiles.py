@@ -81,7 +81,12 @@ def test_parallel_reads_are_the_same_as_serial(tmp_path: Path) -> None:
         serial = [slide.read_box(box) for box in boxes]
         with ThreadPoolExecutor(4) as pool:
             parallel = list(pool.map(slide.read_box, boxes))
+        stacked = slide.read_boxes(boxes, threads=3)
+        stacked_20x = slide.read_boxes(boxes, out_px=(256, 256), threads=2)
+        serial_20x = [slide.read_box(box, (256, 256)) for box in boxes]
     assert all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+    assert np.array_equal(stacked, np.stack(serial))
+    assert np.array_equal(stacked_20x, np.stack(serial_20x))
 
 
 def test_slides_it_does_not_serve_are_read_by_openslide(shared_slides: Path) -> None:
