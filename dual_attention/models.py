@@ -62,7 +62,13 @@ def images_to_tensor(images_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
         tensor = tensor.unsqueeze(0)
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
         raise ValueError(f"expected (n, h, w, 3) RGB images, got shape {tuple(tensor.shape)}")
-    return tensor.permute(0, 3, 1, 2).float().div(255.0).contiguous()
+    # One converting copy into NCHW, then an in-place divide: the same values as
+    # ``permute().float().div(255).contiguous()`` in 2 passes over the pixels instead of 3 (a paper-size slide
+    # has 10 tiles of 2048²: 0.35 -> 0.14 CPU-s for 5 of them, measured).
+    out = torch.empty((tensor.shape[0], 3, tensor.shape[1], tensor.shape[2]), dtype=torch.float32,
+                      device=tensor.device)
+    out.copy_(tensor.permute(0, 3, 1, 2))
+    return out.div_(255.0)
 
 
 class Standardise(nn.Module):
@@ -267,12 +273,20 @@ class GlimpseSensor(nn.Module):
         self.glimpse_px = glimpse_px
         self.scales = scales
 
-    def forward(self, tiles: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    def sources(self, tiles: torch.Tensor) -> list[torch.Tensor]:
+        """The tiles at each scale (average-pooled by 2**k). Computed once per tile, not once per glimpse:
+        pooling a whole 2048² tile was 92% of the agent's time when it was redone at each step (measured)."""
+        return [F.avg_pool2d(tiles, 2**k) if k > 0 else tiles for k in range(self.scales)]
+
+    def forward(self, tiles: torch.Tensor, location: torch.Tensor,
+                sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``sources``: ``self.sources(tiles)`` when the caller glimpses the same tiles several times."""
         batch, _, height, width = tiles.shape
+        sources = self.sources(tiles) if sources is None else sources
         crops = []
         for k in range(self.scales):
             factor = 2**k
-            source = F.avg_pool2d(tiles, factor) if factor > 1 else tiles
+            source = sources[k]
             theta = torch.zeros(batch, 2, 3, dtype=tiles.dtype, device=tiles.device)
             theta[:, 0, 0] = self.glimpse_px * factor / width
             theta[:, 1, 1] = self.glimpse_px * factor / height
@@ -303,8 +317,9 @@ class GlimpseNetwork(nn.Module):
         self.what = nn.Linear(64 * 16, out_features)
         self.where = nn.Linear(2, out_features)
 
-    def forward(self, tiles: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
-        glimpses = self.standardise(self.sensor(tiles, location))  # padding outside the tile -> -2
+    def forward(self, tiles: torch.Tensor, location: torch.Tensor,
+                sources: list[torch.Tensor] | None = None) -> torch.Tensor:
+        glimpses = self.standardise(self.sensor(tiles, location, sources))  # padding outside the tile -> -2
         return F.relu(self.what(self.cnn(glimpses))) * self.where(location)
 
 
@@ -458,6 +473,7 @@ class HardAttentionAgent(nn.Module):
         box_fraction = self.glimpse_px / tile_px  # the finest glimpse's side as a fraction of the tile
         limit = self.first_glimpse_limit(tile_px)
         small_tile = self.context.downscale(tiles)
+        sources = self.glimpse.sensor.sources(tiles)  # once for all T glimpses
         top_size = self.core.top.hidden_size
         zeros_bottom = tiles.new_zeros(batch, self.core.bottom.hidden_size)
         h_bottom, c_bottom = zeros_bottom, zeros_bottom
@@ -480,7 +496,7 @@ class HardAttentionAgent(nn.Module):
             else:
                 previous = visited[-1] if visited and self.relative_moves else None
                 mean, location, log_pi = self.location(h_top * context, generator, deterministic, limit, previous)
-            v = self.glimpse(tiles, location)
+            v = self.glimpse(tiles, location, sources)
             h_bottom, c_bottom = self.core.bottom(v, (h_bottom, c_bottom))
             log_probs.append(self.classifier(h_bottom))
             baselines.append(self.baseline(h_bottom))
