@@ -254,6 +254,37 @@ def child_score(path: str, preset_name: str, threads: str, repeats: str) -> dict
             "predicted_class": score.predicted_class, "level0_boxes": [list(t.level0_box.as_tuple()) for t in score.tiles]}
 
 
+def child_sliding_window(path: str, threads: str) -> dict[str, Any]:
+    """The sliding-window baseline at the paper's sizes (224² patches at 20x into a width-64 ResNet18,
+    untrained: the cost does not depend on the weights) on one slide, warm (one batch first), in-process."""
+    import torch
+
+    from dual_attention.slides import open_slide, tissue_mask
+    from dual_attention.sliding_window import (
+        ResNet18,
+        paper_config,
+        score_slide_sliding_window,
+        slide_patch_reader,
+    )
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    window = paper_config("her2")
+    resnet = ResNet18(4, window.resnet_width).eval()
+    with torch.no_grad():
+        resnet(torch.rand(window.batch_size, 3, window.patch_px, window.patch_px))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with open_slide(path) as slide, torch.no_grad():
+        low_power = slide.thumbnail(window.mask_downsample)
+        tissue = tissue_mask(low_power, min_area_thumb_px=4)
+        score = score_slide_sliding_window(resnet, low_power, slide.dimensions, slide.info.objective_power,
+                                           slide_patch_reader(slide, window), window, tissue)
+    return {"slide": Path(path).stem, "wall_s": round(time.perf_counter() - started, 2),
+            "cpu_s": round(time.process_time() - cpu_started, 2), "patches": score.n_patches,
+            "fraction_level0_read": round(score.fraction_level0_read, 4),
+            "timings_s": {k: round(v, 2) for k, v in score.timings_s.items()}, "peak_rss_bytes": vm_hwm_bytes()}
+
+
 # -- parent ------------------------------------------------------------------------------------------------
 
 
@@ -269,6 +300,7 @@ def run_child(*args: str) -> dict[str, Any]:
 def run_score_section(args: argparse.Namespace) -> dict[str, Any]:
     slide_dir = Path(args.slide_dir)
     slide_dir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
     rows = []
     print("| slide | preset | warm wall s | CPU s | thumbnail ms (floor) | tissue mask ms | soft attention ms | "
           "tile reads ms (floor) | agent ms | peak RSS GiB |", flush=True)
@@ -296,8 +328,21 @@ def run_score_section(args: argparse.Namespace) -> dict[str, Any]:
             ratios[preset_name] = round(by_slide["3.2GP-sparse"]["peak_rss_bytes"]
                                         / by_slide["100MP-dense"]["peak_rss_bytes"], 3)
     print("peak RSS 3.2 GP / 100 MP:", ratios)
-    return {"threads": args.threads, "repeats": args.score_repeats, "load_average_start": os.getloadavg(),
-            "rows": rows, "rss_3_2gp_over_100mp": ratios}
+    # The sliding window on the same >= 1-GP slides, in the same run: its wall time over dual attention's
+    # (paper sizes both).
+    window_rows = []
+    for name in args.window_slides:
+        row = run_child("sliding-window", str(slide_dir / f"{name}.tiff"), str(args.threads))
+        paper = next((r for r in rows if r["slide"] == name and r["preset"] == "paper-her2"), None)
+        row["dual_attention_paper_wall_s"] = paper["wall_s"] if paper else None
+        row["sliding_window_over_dual_attention"] = round(row["wall_s"] / paper["wall_s"], 1) if paper else None
+        window_rows.append(row)
+        print(f"sliding window, paper sizes, {name}: {row['wall_s']} s ({row['patches']} patches, "
+              f"{100 * row['fraction_level0_read']:.1f}% of level 0) = {row['sliding_window_over_dual_attention']}x "
+              "dual attention", flush=True)
+    return {"threads": args.threads, "repeats": args.score_repeats, "load_average_start": load_at_start,
+            "load_average_end": os.getloadavg(), "rows": rows, "rss_3_2gp_over_100mp": ratios,
+            "sliding_window": window_rows}
 
 
 def gib(value: int) -> str:
@@ -312,6 +357,8 @@ def main() -> None:
                         help="where the score section's slides are written once and reused")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the score section")
     parser.add_argument("--score-repeats", type=int, default=3)
+    parser.add_argument("--window-slides", nargs="*", default=["1GP-dense", "3.2GP-sparse"],
+                        choices=list(COST_SLIDES), help="slides the sliding window also scores (paper sizes)")
     parser.add_argument("--presets", nargs="+", default=["cpu-small", "paper-her2"])
     parser.add_argument("--sam-variants", nargs="+", default=SAM_VARIANTS)
     parser.add_argument("--slide-width", type=int, default=16_384)
@@ -322,7 +369,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        child = {"sam": child_sam, "thumbnail": child_thumbnail, "score": child_score}[kind]
+        child = {"sam": child_sam, "thumbnail": child_thumbnail, "score": child_score,
+                 "sliding-window": child_sliding_window}[kind]
         result = child(*rest)
         print(json.dumps(result))
         return
