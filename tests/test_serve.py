@@ -218,6 +218,15 @@ def test_http_score_equals_in_process_scoring(service: Service) -> None:
         assert all(len(tile["glimpse_trail_level0"]) == config.agent.n_glimpses for tile in body["tiles"])
         assert set(body["timings"]) >= {"soft_attention_s", "tile_read_s", "hard_attention_s", "total_s"}
         assert body["timings"]["total_s"] >= body["timings"]["hard_attention_s"] > 0
+        # the per-stage profile, with the `score` command's stage names, and what serving added around them
+        profile = body["profile"]
+        assert list(profile["stages_ms"]) == ["open", "thumbnail", "tissue_mask", "soft_attention", "sampling",
+                                              "tile_reads", "agent", "aggregation"]
+        assert all(ms >= 0 for ms in profile["stages_ms"].values()) and profile["stages_ms"]["agent"] > 0
+        assert set(profile["serving_ms"]) == {"validate", "soft_call", "hard_call", "agent_queue", "ingress"}
+        assert profile["total_ms"] == pytest.approx(body["timings"]["total_s"] * 1e3, abs=1e-3)
+        accounted = sum(profile["serving_ms"].values()) + sum(profile["stages_ms"].values())
+        assert accounted == pytest.approx(profile["total_ms"], rel=0.02)  # every millisecond in one place
 
         model = client.get("/v1/model").json()
         _, config, _ = load_checkpoint(service.checkpoint)
