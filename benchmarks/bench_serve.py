@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    from serve.settings import patient_serve_proxy
+
+    patient_serve_proxy()  # Serve's proxy as `dual-attention serve` starts it (its retry middleware included)
     import ray
     import torch
     from ray import serve
