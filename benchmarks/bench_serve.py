@@ -64,7 +64,8 @@ async def _generate_load(url: str, body: dict, concurrency: int, requests: int) 
             latencies.append(time.perf_counter() - start)
             statuses.append(answer.status_code)
             if answer.status_code == 200:
-                server_timings.append(answer.json()["timings"])
+                answered = answer.json()
+                server_timings.append({**answered["timings"], "profile": answered["profile"]})
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:

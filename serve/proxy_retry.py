@@ -80,7 +80,9 @@ class RetryUnansweredRequests:
         for attempt in range(1, attempts + 1):
             app_receive = client_receive if body is None else _replay(body, client_receive)
             try:
-                await self.app(scope, app_receive, tracked_send)
+                # A copy per attempt: the proxy rewrites the scope it is given (it strips the route prefix
+                # from ``path`` into ``root_path``), so a resent original would reach another application.
+                await self.app({**scope, "headers": list(scope.get("headers", []))}, app_receive, tracked_send)
             except Exception:
                 if answered:
                     raise

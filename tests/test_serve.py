@@ -716,6 +716,45 @@ def test_a_stage_call_whose_replica_died_is_sent_once_more(tmp_path: Path) -> No
     assert len(calls) == 1
 
 
+def test_a_request_whose_ingress_replica_dies_is_sent_again_by_the_proxy(service: Service, tmp_path: Path) -> None:
+    """Issue 14.3: Ray Serve's proxy answered a plain-text 500 when the ingress replica holding a request
+    died. With serve.proxy_retry's middleware (installed by the session's patient_serve_proxy, as by
+    `dual-attention serve`) the request is sent once more and the other replica answers; when that one
+    dies too, the answer is 503 JSON with Retry-After. A small app of two ingress replicas whose handler
+    ends its own process (as kill -9 would) stands in for the scoring ingress."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+    died_once = tmp_path / "died-once"
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class DyingIngress:
+        @app.post("/once")
+        async def dies_once(self, body: dict) -> dict:
+            if not died_once.exists():
+                died_once.touch()
+                os._exit(1)
+            return {"echo": body}
+
+        @app.post("/always")
+        async def always_dies(self, body: dict) -> dict:
+            os._exit(1)
+
+    serve.run(DyingIngress.bind(), name="dying-ingress", route_prefix="/dying")
+    try:
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            answer = client.post("/dying/once", json={"n": 1})
+            assert died_once.exists()  # the first replica died holding the request
+            assert answer.status_code == 200 and answer.json() == {"echo": {"n": 1}}, answer.text
+            answer = client.post("/dying/always", json={"n": 2})
+            assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
+            assert answer.headers["retry-after"].isdigit() and "unavailable" in answer.json()["detail"]
+    finally:
+        serve.delete("dying-ingress")
+
+
 def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(service: Service) -> None:
     """The last test that uses the service: kills the main app's hard-attention replica actors. Every
     answer is a 200, or a 503 JSON with Retry-After (never a 500), and Serve's replacement brings back 200s.
