@@ -170,7 +170,7 @@ def serving_parts(latency_s: float, timings: dict, profile: dict) -> dict[str, f
     return {"outside_ingress": (latency_s - timings["total_s"]) * 1e3, **profile["serving_ms"]}
 
 
-def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]], rounds: int = 4
+def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]], rounds: int = 5
                   ) -> tuple[list[str], list[str], list[dict]]:
     """Per model: in-process scoring before and after sequential HTTP requests to each serving variant,
     the variants' requests interleaved in ``rounds`` rounds so that they share the machine's load."""
@@ -287,11 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the same as each model replica (torch_threads=1)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     models = [("cpu-small", 4096, args.reps)]
-    if not args.quick and not args.skip_paper:
-        models.append(("paper-her2", 8192, args.paper_reps))
-    else:
+    if args.quick:
         models = [("cpu-small", 4096, max(5, args.reps // 4))]
         args.requests = 16
+    elif not args.skip_paper:
+        models.append(("paper-her2", 8192, args.paper_reps))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
