@@ -170,6 +170,24 @@ def serving_parts(latency_s: float, timings: dict, profile: dict) -> dict[str, f
     return {"outside_ingress": (latency_s - timings["total_s"]) * 1e3, **profile["serving_ms"]}
 
 
+def deploy_empty_ingress(route_prefix: str) -> None:
+    """A FastAPI ingress that does no work: Serve's own HTTP round trip (the proxy, one replica, the JSON
+    answer), the floor under any Serve app's overhead on this machine at this moment."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(app)
+    class EmptyIngress:
+        @app.post("/v1/score")
+        async def score(self, body: dict) -> dict:
+            return {"timings": {}, "profile": {}}
+
+    serve.run(EmptyIngress.bind(), name="bench-empty", route_prefix=route_prefix)
+
+
 def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]], rounds: int = 5
                   ) -> tuple[list[str], list[str], list[dict]]:
     """Per model: in-process scoring before and after sequential HTTP requests to each serving variant,
@@ -181,14 +199,18 @@ def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]], 
         checkpoint, slide = prepare(work_dir, preset_name, slide_px)
         for variant, extra in VARIANTS.items():
             deploy(checkpoint, slide.parent, name=f"bench-{variant}", route_prefix=f"/{variant}", **extra)
+        deploy_empty_ingress("/empty")
         body = {"slide": slide.name, "seed": 0}
+        run_load_generator(f"{url}/empty", body, 1, 2)
         for variant in VARIANTS:
             run_load_generator(f"{url}/{variant}", body, 1, 2)  # warm-up: first requests start the tile readers
         in_process_latencies(checkpoint, slide, 0, 1)  # warm-up
         before = in_process_latencies(checkpoint, slide, 0, reps)
         http = {variant: {"latencies_s": [], "server_timings": [], "statuses": []} for variant in VARIANTS}
+        empty: list[float] = []
         per_round = max(1, reps // rounds)
         for _ in range(rounds):
+            empty += run_load_generator(f"{url}/empty", body, 1, per_round)["latencies_s"]
             for variant in VARIANTS:
                 answer = run_load_generator(f"{url}/{variant}", body, 1, per_round)
                 for key in http[variant]:
@@ -225,8 +247,14 @@ def overhead_rows(url: str, work_dir: Path, models: list[tuple[str, int, int]], 
                             "serving_overhead_p50_s": statistics.median(serving),
                             "serving_overhead_ratio_p50": serving_ratio, "serving_parts_p50_ms": part_p50})
             print(rows[-1], part_rows[-1], sep="\n", flush=True)
-        for variant in VARIANTS:
-            serve.delete(f"bench-{variant}")
+        empty_p50_ms = statistics.median(empty) * 1e3
+        part_rows.append(f"| {preset_name} | empty FastAPI ingress (Serve's floor): HTTP p50 {empty_p50_ms:.1f} ms |"
+                         + " |" * (len(SERVING_PARTS) - 1))
+        records.append({"model": preset_name, "variant": "empty ingress", "latencies_s": empty,
+                        "latency_p50_ms": empty_p50_ms})
+        print(part_rows[-1], flush=True)
+        for name in [*VARIANTS, "empty"]:
+            serve.delete(f"bench-{name}")
     return rows, part_rows, records
 
 
