@@ -7,7 +7,9 @@ pickled trainable to the dict ``_to_flush`` and, once Ray is up, calls ``flush_v
 ``_to_flush`` while it writes each entry to the GCS (``ray/tune/registry.py:286-293``, Ray 2.60). The GCS
 write releases the GIL, so a second thread that registers at that moment (another searcher or Tuner, or
 ``ray.init``'s post-init hook, ``registry.py:297``, when Ray starts in another thread) changes the dict
-under the iteration. Nothing in Ray locks it. Reproduced: two threads registering trainables, one
+under the iteration. Nothing in Ray locks it. (Which second thread did it in the failing suite run, where the
+session's Ray start had timed out, is not known: only the main thread's traceback was kept; no test but
+test_tune's registers trainables.) Reproduced: two threads registering trainables, one
 through ``BasicVariantGenerator.add_configurations``, raise this error within a second with a short
 thread switch interval (``tests/test_tune.py::test_trainables_register_from_several_threads``).
 
