@@ -49,12 +49,14 @@ from serve.schemas import (
     Level0BoxOut,
     ModelInfo,
     ScoreResponse,
+    ServingProfile,
     SlideCalibration,
     StageTimings,
     TileOut,
 )
 from serve.settings import ServeSettings
 from serve.stages import (
+    HARD_BATCH_WAIT_S,
     DeadlineExceeded,
     HardAttentionStage,
     HardResult,
@@ -81,6 +83,7 @@ class ScoringIngress:
         self._tile_pool: TilePool | None = None  # started on the first scoring request
         self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
+        self._model: tuple[ModelInfo, DualAttentionConfig] | None = None  # built once from _described
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(self, self.settings)
@@ -105,11 +108,17 @@ class ScoringIngress:
         return self._described
 
     async def model_info(self) -> ModelInfo:
-        described = await self._describe()
-        config = DualAttentionConfig.from_dict(described["config"])
-        return ModelInfo(name=described["name"], version=described["version"], alias=described["alias"],
-                         uri=described["uri"], task=config.task, class_names=list(config.class_names),
-                         config_digest=described["config_digest"], preset=config.preset)
+        return (await self._served_model())[0]
+
+    async def _served_model(self) -> tuple[ModelInfo, DualAttentionConfig]:
+        if self._model is None:
+            described = await self._describe()
+            config = DualAttentionConfig.from_dict(described["config"])
+            info = ModelInfo(name=described["name"], version=described["version"], alias=described["alias"],
+                             uri=described["uri"], task=config.task, class_names=list(config.class_names),
+                             config_digest=described["config_digest"], preset=config.preset)
+            self._model = (info, config)
+        return self._model
 
     async def health(self) -> HealthResponse:
         try:
@@ -160,8 +169,7 @@ class ScoringIngress:
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
         deadline = received_at + self.settings.request_deadline_s
-        info = await self._call_stage(self.model_info, "model", deadline)
-        config = DualAttentionConfig.from_dict((await self._describe())["config"])
+        info, config = await self._call_stage(self._served_model, "model", deadline)
         n_glimpses = n_glimpses or config.agent.n_glimpses
 
         start = time.perf_counter()
@@ -201,6 +209,15 @@ class ScoringIngress:
             overlay_url = f"/v1/overlay/{score_id}"
         overlay_s = time.perf_counter() - start
         slide_info = soft.slide_info
+        total_s = time.perf_counter() - received_at
+        soft_work_s = soft.thumbnail_s + soft.propose_s
+        stages_ms = {**soft.stages_ms, "tile_reads": tile_read_s * 1e3, "agent": hard.agent_s * 1e3,
+                     "aggregation": aggregate_s * 1e3}
+        if overlay_url is not None:
+            stages_ms["overlay"] = overlay_s * 1e3
+        serving_ms = {"validate": validate_s * 1e3, "soft_call": (soft_s - soft_work_s) * 1e3,
+                      "hard_call": (hard_s - hard.replica_s) * 1e3, "agent_queue": (hard.replica_s - hard.agent_s) * 1e3,
+                      "ingress": (total_s - validate_s - soft_s - tile_read_s - hard_s - aggregate_s - overlay_s) * 1e3}
 
         return ScoreResponse(
             score_id=score_id,
@@ -223,10 +240,13 @@ class ScoringIngress:
             seed=seed,
             model=info,
             timings=StageTimings(validate_s=validate_s, soft_attention_s=soft_s, thumbnail_s=soft.thumbnail_s,
-                                 soft_attention_compute_s=soft.thumbnail_s + soft.propose_s,
+                                 soft_attention_compute_s=soft_work_s,
                                  tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
                                  agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s, overlay_s=overlay_s,
-                                 total_s=time.perf_counter() - received_at),
+                                 total_s=total_s),
+            profile=ServingProfile(stages_ms={k: round(v, 3) for k, v in stages_ms.items()},
+                                   serving_ms={k: round(v, 3) for k, v in serving_ms.items()},
+                                   total_ms=round(total_s * 1e3, 3)),
             overlay_url=overlay_url,
         )
 
@@ -250,7 +270,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ``max_upload_mb``, ...). Serve-only keys: ``torch_threads`` (per model replica, default 1);
     ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling); ``ingress_replicas``
     (default: the deployment's, 2);
-    ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only); and
+    ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only);
+    ``hard_batch_wait_s`` (how long the agent's batch waits for more requests after its first, default
+    ``serve.stages.HARD_BATCH_WAIT_S``); and
     ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
     moved alias)."""
     args = dict(args or {})
@@ -258,6 +280,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     soft_replicas, hard_replicas = args.pop("soft_replicas", None), args.pop("hard_replicas", None)
     ingress_replicas = args.pop("ingress_replicas", None)
     gpus = float(args.pop("gpus_per_replica", 0))
+    hard_batch_wait_s = float(args.pop("hard_batch_wait_s", HARD_BATCH_WAIT_S))
     args.pop("model_revision", None)
     if "model" in args:
         args["model_uri"] = args.pop("model")
@@ -272,7 +295,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                          max_thumbnail_decode_bytes=settings.max_thumbnail_decode_bytes)
     soft = _fixed(SoftAttentionStage, soft_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads,
                                                                 limits=limits)
-    hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
+    hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads,
+                                                                batch_wait_timeout_s=hard_batch_wait_s)
     ingress = ScoringIngress if ingress_replicas is None else ScoringIngress.options(num_replicas=int(ingress_replicas))
     return ingress.bind(soft, hard, settings)
 

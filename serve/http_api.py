@@ -37,6 +37,7 @@ from dual_attention.slides import SlideError
 from jobs.tile_plane import TilePoolError
 from serve.model_source import ModelLoadError
 from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
+from serve.proxy_retry import RETRY_AFTER_S
 from serve.redact import redact_paths
 from serve.schemas import ErrorResponse, HealthResponse, ModelInfo, ScoreRequest, ScoreResponse
 from serve.settings import ServeSettings
@@ -46,7 +47,6 @@ from serve.uploads import UploadError, UploadTooLarge, slide_upload
 logger = logging.getLogger("ray.serve")
 
 HEALTH_PATH = "/v1/healthz"
-RETRY_AFTER_S = 5  # a replaced replica or a drained queue is usually back within seconds
 
 
 class ScoringService(Protocol):

@@ -50,6 +50,21 @@ class StageTimings(BaseModel):
     total_s: float
 
 
+class ServingProfile(BaseModel):
+    """Milliseconds per stage of this request, the stage names of the ``score`` command's ``profile``, and what
+    serving added around them (handle round trips, serialisation, queues). Work happens in three processes,
+    so a stage's time is measured where it runs."""
+
+    stages_ms: dict[str, float] = Field(description="open, thumbnail, tissue_mask, soft_attention, sampling (soft "
+                                                    "stage); tile_reads, aggregation, overlay (ingress); agent "
+                                                    "(the hard stage's batch that held these tiles)")
+    serving_ms: dict[str, float] = Field(description="validate (path checks or upload), soft_call and hard_call "
+                                                     "(handle round trip minus the replica's work: transfer, routing, "
+                                                     "queues), agent_queue (waiting in the hard stage's batch queue), "
+                                                     "ingress (the rest of the ingress's time)")
+    total_ms: float = Field(description="in the ingress, from the route's start to the answer's creation")
+
+
 class SlideCalibration(BaseModel):
     """The slide's scale, and where it came from: tiles are cut at a magnification computed from it, so a
     slide whose file records neither says the scale was assumed."""
@@ -91,6 +106,7 @@ class ScoreResponse(BaseModel):
     seed: int
     model: ModelInfo
     timings: StageTimings
+    profile: ServingProfile
     overlay_url: str | None = Field(None, description="PNG overlay of this score, when asked for with overlay=true")
 
 

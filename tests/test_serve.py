@@ -218,6 +218,15 @@ def test_http_score_equals_in_process_scoring(service: Service) -> None:
         assert all(len(tile["glimpse_trail_level0"]) == config.agent.n_glimpses for tile in body["tiles"])
         assert set(body["timings"]) >= {"soft_attention_s", "tile_read_s", "hard_attention_s", "total_s"}
         assert body["timings"]["total_s"] >= body["timings"]["hard_attention_s"] > 0
+        # the per-stage profile, with the `score` command's stage names, and what serving added around them
+        profile = body["profile"]
+        assert list(profile["stages_ms"]) == ["open", "thumbnail", "tissue_mask", "soft_attention", "sampling",
+                                              "tile_reads", "agent", "aggregation"]
+        assert all(ms >= 0 for ms in profile["stages_ms"].values()) and profile["stages_ms"]["agent"] > 0
+        assert set(profile["serving_ms"]) == {"validate", "soft_call", "hard_call", "agent_queue", "ingress"}
+        assert profile["total_ms"] == pytest.approx(body["timings"]["total_s"] * 1e3, abs=1e-3)
+        accounted = sum(profile["serving_ms"].values()) + sum(profile["stages_ms"].values())
+        assert accounted == pytest.approx(profile["total_ms"], rel=0.02)  # every millisecond in one place
 
         model = client.get("/v1/model").json()
         _, config, _ = load_checkpoint(service.checkpoint)
@@ -705,6 +714,45 @@ def test_a_stage_call_whose_replica_died_is_sent_once_more(tmp_path: Path) -> No
     with pytest.raises(SlideError):
         asyncio.run(run(call))
     assert len(calls) == 1
+
+
+def test_a_request_whose_ingress_replica_dies_is_sent_again_by_the_proxy(service: Service, tmp_path: Path) -> None:
+    """Issue 14.3: Ray Serve's proxy answered a plain-text 500 when the ingress replica holding a request
+    died. With serve.proxy_retry's middleware (installed by the session's patient_serve_proxy, as by
+    `dual-attention serve`) the request is sent once more and the other replica answers; when that one
+    dies too, the answer is 503 JSON with Retry-After. A small app of two ingress replicas whose handler
+    ends its own process (as kill -9 would) stands in for the scoring ingress."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+    died_once = tmp_path / "died-once"
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class DyingIngress:
+        @app.post("/once")
+        async def dies_once(self, body: dict) -> dict:
+            if not died_once.exists():
+                died_once.touch()
+                os._exit(1)
+            return {"echo": body}
+
+        @app.post("/always")
+        async def always_dies(self, body: dict) -> dict:
+            os._exit(1)
+
+    serve.run(DyingIngress.bind(), name="dying-ingress", route_prefix="/dying")
+    try:
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            answer = client.post("/dying/once", json={"n": 1})
+            assert died_once.exists()  # the first replica died holding the request
+            assert answer.status_code == 200 and answer.json() == {"echo": {"n": 1}}, answer.text
+            answer = client.post("/dying/always", json={"n": 2})
+            assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
+            assert answer.headers["retry-after"].isdigit() and "unavailable" in answer.json()["detail"]
+    finally:
+        serve.delete("dying-ingress")
 
 
 def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(service: Service) -> None:

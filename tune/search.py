@@ -324,6 +324,9 @@ def _searcher(settings: SearchSettings, space: SearchSpace, max_concurrent: int)
 
     Tune applies ``max_concurrent_trials`` to a ``Searcher`` (Optuna) but ignores it for the random
     ``BasicVariantGenerator``, which takes its own ``max_concurrent``."""
+    from tune.ray_registry import guard_ray_tune_registry
+
+    guard_ray_tune_registry()  # the searcher and the Tuner register trainables: see tune.ray_registry
     points = [space.centre()] if space.centre_inside() else []
     if not points:
         print("[tune] note: the base config's values lie outside the space; no centre trial", flush=True)
