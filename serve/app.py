@@ -8,9 +8,9 @@ Run it with any of:
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
-``jobs.tile_plane``); recent overlays are PNGs in the work folder (``serve.overlay_store``), so any
-ingress replica can answer for them and the ingress runs several replicas. The two model stages scale on
-their own.
+``jobs.tile_plane``); recent overlays (PNG) and GeoJSON annotations are files in the work folder
+(``serve.overlay_store``), so any ingress replica can answer for them and the ingress runs several
+replicas. The two model stages scale on their own.
 
 Each scoring request has a deadline (``request_deadline_s``): it bounds the wait on every stage and is
 checked between them, so a request never waits on a stuck stage past it (HTTP 504). A model-stage call
@@ -36,6 +36,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate
 from jobs.score import calibration_dict
@@ -78,6 +79,7 @@ class ScoringIngress:
         self.hard = hard
         self.settings = settings
         self.overlays = OverlayStore(settings.overlay_dir, settings.overlay_cache_size)
+        self.geojsons = OverlayStore(settings.overlay_dir, settings.overlay_cache_size, suffix=".geojson")
         self._tile_pool: TilePool | None = None  # started on the first scoring request
         self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
@@ -155,7 +157,8 @@ class ScoringIngress:
 
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
+                    seed: int, overlay: bool, is_upload: bool, received_at: float, geojson: bool = False
+                    ) -> ScoreResponse:
         """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
@@ -167,7 +170,8 @@ class ScoringIngress:
         start = time.perf_counter()
         soft: SoftResult = await self._call_stage(
             lambda: self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
-                                             cache_handle=not is_upload), "soft-attention", deadline)
+                                             cache_handle=not is_upload, outlines=geojson),
+            "soft-attention", deadline)
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -201,6 +205,18 @@ class ScoringIngress:
             overlay_url = f"/v1/overlay/{score_id}"
         overlay_s = time.perf_counter() - start
         slide_info = soft.slide_info
+        geojson_url = None
+        start = time.perf_counter()
+        if geojson and soft.region_features is not None:
+            features = soft.region_features + tile_features(slide_score.tiles, config.class_names,
+                                                            config.agent.glimpse_px)
+            collection = feature_collection(features, slide_properties(
+                slide_score, config.class_names, slide=slide_name, score_id=score_id,
+                model={"name": info.name, "version": info.version}))
+            # Stored like the overlay: the GET may reach another ingress replica.
+            await asyncio.to_thread(self.geojsons.put, score_id, dumps(collection).encode())
+            geojson_url = f"/v1/score/{score_id}/geojson"
+        geojson_s = time.perf_counter() - start
 
         return ScoreResponse(
             score_id=score_id,
@@ -226,8 +242,9 @@ class ScoringIngress:
                                  soft_attention_compute_s=soft.thumbnail_s + soft.propose_s,
                                  tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
                                  agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s, overlay_s=overlay_s,
-                                 total_s=time.perf_counter() - received_at),
+                                 geojson_s=geojson_s, total_s=time.perf_counter() - received_at),
             overlay_url=overlay_url,
+            geojson_url=geojson_url,
         )
 
     def _read_tiles(self, slide_path: str, tile_level0_px: int, boxes: list) -> np.ndarray:
@@ -241,6 +258,9 @@ class ScoringIngress:
 
     async def overlay_png(self, score_id: str) -> bytes | None:
         return await asyncio.to_thread(self.overlays.get, score_id)
+
+    async def geojson_bytes(self, score_id: str) -> bytes | None:
+        return await asyncio.to_thread(self.geojsons.get, score_id)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
