@@ -119,10 +119,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               "level0_dimensions": list(info.dimensions), "calibration": calibration_dict(info),
               **slide_score_dict(score, config), "profile": timer.as_dict()}
     if args.overlay:
-        from jobs.overlays import save_slide_score_overlay
+        from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
 
+        with open_slide(args.slide) as slide:  # the insets: each tile at high power, from the pyramid level that fits
+            previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
         save_slide_score_overlay(args.overlay, thumbnail, score, config.slide.thumbnail_downsample,
-                                 title=f"{Path(args.slide).name}: {score.predicted_label}")
+                                 title=f"{Path(args.slide).name}: {score.predicted_label} ({score.confidence:.2f})",
+                                 class_names=config.class_names, tile_images=previews,
+                                 glimpse_level0_px=config.agent.glimpse_px)
         result["overlay_png"] = str(Path(args.overlay).resolve())
     if args.geojson:
         from dual_attention.annotations import dumps, slide_score_geojson

@@ -194,13 +194,14 @@ class ScoringIngress:
         overlay_url = None
         start = time.perf_counter()
         if overlay and soft.thumbnail is not None:
-            from jobs.overlays import overlay_png_bytes  # matplotlib: imported on first use only
+            from dual_attention.overlays import overlay_png_bytes  # matplotlib: imported on first use only
 
-            # Rendered now and stored on disk: the GET may reach another ingress replica.
+            # Rendered now and stored on disk: the GET may reach another ingress replica. The insets are the
+            # tiles just read (level 0), scaled down.
             png = await self._stage(asyncio.to_thread(
                 overlay_png_bytes, soft.thumbnail, slide_score, config.slide.thumbnail_downsample,
-                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names),
-                "overlay", deadline)
+                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names,
+                list(tiles), config.agent.glimpse_px), "overlay", deadline)
             await asyncio.to_thread(self.overlays.put, score_id, png)
             overlay_url = f"/v1/overlay/{score_id}"
         overlay_s = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """The GeoJSON of a scored slide (``dual_attention.annotations``): loaded back with geojson and shapely, its
 tiles are the scored tiles' level-0 boxes, its glimpses lie in their tiles, its tissue outline covers the
-tiles, and every geometry is valid; the same from ``dual-attention score --geojson``."""
+tiles, and every geometry is valid; the same from ``dual-attention score --geojson`` (with ``--overlay``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
+from PIL import Image
 from shapely.geometry import Point, shape
 
 from dual_attention.annotations import (
@@ -25,6 +26,7 @@ from dual_attention.annotations import (
 from dual_attention.checkpoint import save_checkpoint
 from dual_attention.config import CLASS_NAMES, preset
 from dual_attention.models import DualAttentionModel
+from dual_attention.overlays import INSET_PX
 from dual_attention.pipeline import TileScore, aggregate, location_to_level0
 from dual_attention.slides import Level0Box, thumb_rc_to_level0_xy
 
@@ -152,10 +154,14 @@ def test_score_cli_writes_the_geojson(tmp_path: Path, shared_slides: Path) -> No
     checkpoint = save_checkpoint(tmp_path / "checkpoint", DualAttentionModel(config), config)
     out, geojson_path = tmp_path / "score.json", tmp_path / "annotations" / "slide.geojson"
     slide = shared_slides / "aperio" / "CMU-1-Small-Region.svs"
+    overlay = tmp_path / "overlay.png"
     assert main(["--model", str(checkpoint.parent), "--slide", str(slide), "--out", str(out),
-                 "--geojson", str(geojson_path)]) == 0
+                 "--geojson", str(geojson_path), "--overlay", str(overlay)]) == 0
     result = json.loads(out.read_text())
     assert result["geojson"] == str(geojson_path.resolve())
+    # The overlay beside it: low-power panels over one row of insets (one per tile) at least INSET_PX wide.
+    with Image.open(overlay) as picture:
+        assert picture.width >= min(len(result["tiles"]), 4) * INSET_PX and picture.height > 2 * INSET_PX
     collection = _load(geojson_path.read_text())
     assert collection["properties"]["predicted_label"] == result["predicted_label"]
     width, height = result["level0_dimensions"]
