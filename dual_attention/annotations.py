@@ -145,8 +145,8 @@ def region_features(tissue_mask: np.ndarray, attention_map: np.ndarray | None, d
 
     features = []
     tissue = mask_outline_thumb(tissue_mask, min_area_thumb_px)
-    if not tissue.is_empty:
-        tissue_level0 = to_level0(tissue)
+    tissue_level0 = to_level0(tissue)
+    if not tissue_level0.is_empty:
         features.append(_feature(tissue_level0, "tissue", "annotation", "tissue", classification="Tissue",
                                  colour_rgb=TISSUE_RGB, measurements={"area_level0_px2": tissue_level0.area}))
     if attention_map is None or np.asarray(attention_map).size == 0:
@@ -168,9 +168,12 @@ def region_features(tissue_mask: np.ndarray, attention_map: np.ndarray | None, d
         if region.is_empty:
             continue
         # Block (R, C) covers thumbnail rows R*block .. R*block + block - 1: its centre is (block - 1) / 2 on.
-        region = shapely.affinity.affine_transform(region, [block, 0, 0, block, (block - 1) / 2, (block - 1) / 2])
+        region = to_level0(shapely.affinity.affine_transform(
+            region, [block, 0, 0, block, (block - 1) / 2, (block - 1) / 2]))
+        if region.is_empty:
+            continue
         percent = round(100 * level)
-        features.append(_feature(to_level0(region), "attention", "annotation",
+        features.append(_feature(region, "attention", "annotation",
                                  f"attention >= {percent}%", colour_rgb=_ATTENTION_RGB[i % len(_ATTENTION_RGB)],
                                  measurements={"attention_level": float(level)}, attention_level=float(level)))
     return features

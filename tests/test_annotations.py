@@ -142,6 +142,7 @@ def test_flat_or_missing_attention_gives_only_the_tissue() -> None:
     flat = np.where(tissue, 1.0 / tissue.sum(), 0.0)
     assert [f["properties"]["kind"] for f in region_features(tissue, flat, DOWNSAMPLE, dims)] == ["tissue"]
     assert [f["properties"]["kind"] for f in region_features(tissue, None, DOWNSAMPLE, dims)] == ["tissue"]
+    assert region_features(np.zeros_like(tissue), flat, DOWNSAMPLE, dims) == []  # no tissue: no empty features
     with pytest.raises(ValueError, match="attention_map shape"):
         region_features(tissue, np.zeros((3, 3)), DOWNSAMPLE, dims)
 
