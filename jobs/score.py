@@ -44,7 +44,7 @@ def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | 
             mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
-            return np.stack([slide.read_box(box) for box in boxes])
+            return slide.read_boxes(boxes)
 
         with torch.no_grad():
             score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed, timer=timer)
