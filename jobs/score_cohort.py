@@ -199,7 +199,9 @@ class StageSettings:
     sampler: str
     seed: int
     cache_dir: str | None = None
-    geojson: bool = True  # GeoJSON annotations per slide (outlines in stage 1, tiles and glimpses in stage 3)
+    # GeoJSON annotations per slide (outlines in stage 1, tiles and glimpses in stage 3); the cohort job turns
+    # it on, other users of the stages (evaluation) need not pay for it.
+    geojson: bool = False
 
 
 class ProposeStage:

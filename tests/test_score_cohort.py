@@ -166,7 +166,7 @@ def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path
     """Run as plain objects (no Ray), the stages' GeoJSON has the features ``score --geojson`` writes for the
     same slide and seed (outlines drawn in stage 1, tiles and glimpses in stage 3)."""
     model, config, _ = load_checkpoint(checkpoint)
-    settings = StageSettings(config=config, sampler="attention", seed=SEED)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED, geojson=True)
     propose, agent = ProposeStage(model, settings), AgentStage(model, settings, "ckpt", "3")
     row = next(r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken")
     out = agent(read_tiles_stage(propose(row)))
@@ -178,7 +178,7 @@ def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path
                                    config.class_names, config.slide.thumbnail_downsample, info.dimensions,
                                    config.agent.glimpse_px)
     assert json.loads(json.dumps(expected["features"])) == collection["features"]
-    no_geojson = StageSettings(config=config, sampler="attention", seed=SEED, geojson=False)
+    no_geojson = StageSettings(config=config, sampler="attention", seed=SEED)  # off unless asked for
     assert AgentStage(model, no_geojson, "ckpt", "3")(read_tiles_stage(ProposeStage(model, no_geojson)(row)))[
         "geojson"] == ""
 
