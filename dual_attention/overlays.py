@@ -265,7 +265,8 @@ def render_overlay(thumbnail_rgb: np.ndarray, attention_map: np.ndarray | None, 
         column, row = i % columns, i // columns
         x0 = MARGIN_PX + column * (INSET_PX + MARGIN_PX)
         y0 = insets_top + row * (INSET_PX + caption_h + MARGIN_PX)
-        caption = f"{i + 1}: {tile.caption}"
+        # An inset cut from the thumbnail says so: it is not the high-power view it stands in for.
+        caption = f"{i + 1}: {tile.caption}" + (" (thumbnail)" if tile.image is None else "")
         caption_rect = (x0, y0, x0 + _text_size(draw, caption, font, 3)[0], y0 + _text_size(draw, caption, font, 3)[1])
         _label(draw, caption_rect, caption, font, colour)
         layout.captions.append(caption_rect)
