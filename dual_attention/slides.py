@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -422,13 +423,18 @@ def thumb_to_level0_box(
     """A square level-0 tile centred on the centre of thumbnail pixel (row, col), shifted inside the slide."""
     row, col = center_thumb_rc
     width, height = level0_dims
-    center_x = (col + 0.5) * downsample
-    center_y = (row + 0.5) * downsample
+    center_x, center_y = thumb_rc_to_level0_xy(row, col, downsample)
     x0 = int(round(center_x - tile_level0_px / 2))
     y0 = int(round(center_y - tile_level0_px / 2))
     x0 = max(0, min(x0, width - tile_level0_px))
     y0 = max(0, min(y0, height - tile_level0_px))
     return Level0Box(x0, y0, tile_level0_px, tile_level0_px)
+
+
+def thumb_rc_to_level0_xy(row: Any, col: Any, downsample: int) -> tuple[Any, Any]:
+    """The centre mapping: thumbnail pixel (row, col), fractional allowed, -> the level-0 (x, y) of its
+    centre; scalars or numpy arrays (contours on the thumbnail are mapped with it)."""
+    return ((col + 0.5) * downsample, (row + 0.5) * downsample)
 
 
 def level0_to_thumb_rc(x_level0: float, y_level0: float, downsample: int) -> tuple[float, float]:

@@ -291,13 +291,16 @@ def _add_tile_records(report: EvaluationReport, slide_id: str, score: SlideScore
 
 def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs: SlideInput, score: SlideScore,
                    config: DualAttentionConfig, method: str) -> None:
-    from jobs.overlays import save_slide_score_overlay
+    from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
 
+    with open_slide(row["path"]) as slide:  # each tile at inset size, from the pyramid level that fits
+        previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
     names = config.class_names
     title = (f"{slide_id} ({method}): true {names[int(row['label'])]}, predicted {score.predicted_label} "
              f"({score.confidence:.2f}), {100 * score.fraction_level0_read:.2f}% of level 0 read")
     save_slide_score_overlay(overlay_dir / f"{slide_id}.png", inputs.thumbnail, score,
-                             config.slide.thumbnail_downsample, title=title, class_names=names)
+                             config.slide.thumbnail_downsample, title=title, class_names=names, tile_images=previews,
+                             glimpse_level0_px=config.agent.glimpse_px)
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ Run it with any of:
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
-``jobs.tile_plane``); recent overlays are PNGs in the work folder (``serve.overlay_store``), so any
-ingress replica can answer for them and the ingress runs several replicas. The two model stages scale on
-their own.
+``jobs.tile_plane``); recent overlays (PNG) and GeoJSON annotations are files in the work folder
+(``serve.overlay_store``), so any ingress replica can answer for them and the ingress runs several
+replicas. The two model stages scale on their own.
 
 Each scoring request has a deadline (``request_deadline_s``): it bounds the wait on every stage and is
 checked between them, so a request never waits on a stuck stage past it (HTTP 504). A model-stage call
@@ -36,6 +36,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate
 from jobs.score import calibration_dict
@@ -80,6 +81,7 @@ class ScoringIngress:
         self.hard = hard
         self.settings = settings
         self.overlays = OverlayStore(settings.overlay_dir, settings.overlay_cache_size)
+        self.geojsons = OverlayStore(settings.overlay_dir, settings.overlay_cache_size, suffix=".geojson")
         self._tile_pool: TilePool | None = None  # started on the first scoring request
         self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
@@ -164,7 +166,8 @@ class ScoringIngress:
 
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
+                    seed: int, overlay: bool, is_upload: bool, received_at: float, geojson: bool = False
+                    ) -> ScoreResponse:
         """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
@@ -175,7 +178,8 @@ class ScoringIngress:
         start = time.perf_counter()
         soft: SoftResult = await self._call_stage(
             lambda: self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
-                                             cache_handle=not is_upload), "soft-attention", deadline)
+                                             cache_handle=not is_upload, outlines=geojson),
+            "soft-attention", deadline)
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -198,26 +202,42 @@ class ScoringIngress:
         overlay_url = None
         start = time.perf_counter()
         if overlay and soft.thumbnail is not None:
-            from jobs.overlays import overlay_png_bytes  # matplotlib: imported on first use only
+            from dual_attention.overlays import overlay_png_bytes  # matplotlib: imported on first use only
 
-            # Rendered now and stored on disk: the GET may reach another ingress replica.
+            # Rendered now and stored on disk: the GET may reach another ingress replica. The insets are the
+            # tiles just read (level 0), scaled down.
             png = await self._stage(asyncio.to_thread(
                 overlay_png_bytes, soft.thumbnail, slide_score, config.slide.thumbnail_downsample,
-                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names),
-                "overlay", deadline)
+                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names,
+                list(tiles), config.agent.glimpse_px), "overlay", deadline)
             await asyncio.to_thread(self.overlays.put, score_id, png)
             overlay_url = f"/v1/overlay/{score_id}"
         overlay_s = time.perf_counter() - start
         slide_info = soft.slide_info
+        geojson_url = None
+        start = time.perf_counter()
+        if geojson and soft.region_features is not None:
+            features = soft.region_features + tile_features(slide_score.tiles, config.class_names,
+                                                            config.agent.glimpse_px)
+            collection = feature_collection(features, slide_properties(
+                slide_score, config.class_names, slide=slide_name, score_id=score_id,
+                model={"name": info.name, "version": info.version}))
+            # Stored like the overlay: the GET may reach another ingress replica.
+            await asyncio.to_thread(self.geojsons.put, score_id, dumps(collection).encode())
+            geojson_url = f"/v1/score/{score_id}/geojson"
+        geojson_s = time.perf_counter() - start
         total_s = time.perf_counter() - received_at
         soft_work_s = soft.thumbnail_s + soft.propose_s
         stages_ms = {**soft.stages_ms, "tile_reads": tile_read_s * 1e3, "agent": hard.agent_s * 1e3,
                      "aggregation": aggregate_s * 1e3}
         if overlay_url is not None:
             stages_ms["overlay"] = overlay_s * 1e3
+        if geojson_url is not None:
+            stages_ms["geojson"] = geojson_s * 1e3
         serving_ms = {"validate": validate_s * 1e3, "soft_call": (soft_s - soft_work_s) * 1e3,
                       "hard_call": (hard_s - hard.replica_s) * 1e3, "agent_queue": (hard.replica_s - hard.agent_s) * 1e3,
-                      "ingress": (total_s - validate_s - soft_s - tile_read_s - hard_s - aggregate_s - overlay_s) * 1e3}
+                      "ingress": (total_s - validate_s - soft_s - tile_read_s - hard_s - aggregate_s - overlay_s
+                                 - geojson_s) * 1e3}
 
         return ScoreResponse(
             score_id=score_id,
@@ -243,11 +263,12 @@ class ScoringIngress:
                                  soft_attention_compute_s=soft_work_s,
                                  tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
                                  agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s, overlay_s=overlay_s,
-                                 total_s=total_s),
+                                 geojson_s=geojson_s, total_s=total_s),
             profile=ServingProfile(stages_ms={k: round(v, 3) for k, v in stages_ms.items()},
                                    serving_ms={k: round(v, 3) for k, v in serving_ms.items()},
                                    total_ms=round(total_s * 1e3, 3)),
             overlay_url=overlay_url,
+            geojson_url=geojson_url,
         )
 
     def _read_tiles(self, slide_path: str, tile_level0_px: int, boxes: list) -> np.ndarray:
@@ -261,6 +282,9 @@ class ScoringIngress:
 
     async def overlay_png(self, score_id: str) -> bytes | None:
         return await asyncio.to_thread(self.overlays.get, score_id)
+
+    async def geojson_bytes(self, score_id: str) -> bytes | None:
+        return await asyncio.to_thread(self.geojsons.get, score_id)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

@@ -47,6 +47,7 @@ class StageTimings(BaseModel):
     agent_batch_tiles: int = Field(description="tiles in that batch (this request's and other requests')")
     aggregate_s: float
     overlay_s: float = Field(0.0, description="rendering and storing the overlay PNG (overlay=true only)")
+    geojson_s: float = Field(0.0, description="building and storing the GeoJSON in the ingress (geojson=true only)")
     total_s: float
 
 
@@ -108,6 +109,8 @@ class ScoreResponse(BaseModel):
     timings: StageTimings
     profile: ServingProfile
     overlay_url: str | None = Field(None, description="PNG overlay of this score, when asked for with overlay=true")
+    geojson_url: str | None = Field(None, description="QuPath-importable GeoJSON of this score (tissue, attention, "
+                                                      "tiles, glimpses; level-0 px), when asked for with geojson=true")
 
 
 class HealthResponse(BaseModel):

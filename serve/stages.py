@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from dual_attention.annotations import region_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import (
     TileProposal,
@@ -93,6 +94,9 @@ class SoftResult:
     thumbnail_s: float
     propose_s: float
     stages_ms: dict[str, float]  # open, thumbnail, tissue_mask, soft_attention, sampling (as `score`'s profile)
+    # GeoJSON features of the tissue outline and attention regions (level-0 px), only when asked for: they
+    # are drawn here, where the mask and map are, so the map need not travel to the ingress.
+    region_features: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -168,7 +172,7 @@ class SoftAttentionStage:
         return self.holder.describe()
 
     def propose(self, slide_path: str, n_tiles: int | None, seed: int, keep_thumbnail: bool = False,
-                cache_handle: bool = True) -> SoftResult:
+                cache_handle: bool = True, outlines: bool = False) -> SoftResult:
         """Raises ``SlideError`` (unreadable slide), ``SlideTooLarge``, ``ScoringError`` (smaller than a
         tile), ``NoTissue`` or ``ModelNotLoaded``."""
         model, config = self.holder.require()
@@ -197,12 +201,16 @@ class SoftAttentionStage:
         propose_s = time.perf_counter() - start
         if not proposal.level0_boxes:
             raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
+        regions = None
+        if outlines:
+            regions = region_features(mask, proposal.attention_map, config.slide.thumbnail_downsample, level0_dims)
         if not keep_thumbnail:
             # Only an overlay needs the map; for a 40x slide it is ~3000² float64, tens of MB per answer.
             proposal = dataclasses.replace(proposal, attention_map=np.zeros((0, 0)))
         return SoftResult(proposal=proposal, level0_dims=level0_dims, slide_info=info,
                           thumbnail=thumbnail if keep_thumbnail else None,
-                          thumbnail_s=thumbnail_s, propose_s=propose_s, stages_ms=dict(timer.ms))
+                          thumbnail_s=thumbnail_s, propose_s=propose_s, stages_ms=dict(timer.ms),
+                          region_features=regions)
 
     def _thumbnail(self, slide: Slide, config: DualAttentionConfig) -> tuple[np.ndarray, SlideInfo]:
         # Refused on the header alone, before any pixel is decoded: a small file must not stall the replica.

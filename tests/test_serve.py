@@ -298,6 +298,42 @@ def test_overlay_png_of_a_recent_score(service: Service) -> None:
         assert without["overlay_url"] is None
         assert client.get(f"/v1/overlay/{without['score_id']}").status_code == 404
         assert client.get("/v1/overlay/no-such-id").status_code == 404
+        assert without["geojson_url"] is None
+        assert client.get(f"/v1/score/{without['score_id']}/geojson").status_code == 404
+
+
+def test_geojson_of_a_recent_score(service: Service) -> None:
+    """``geojson=true`` keeps a QuPath GeoJSON on disk (any ingress replica answers it): its tiles are the
+    answer's level-0 boxes, its glimpses lie in their tiles, its tissue outline meets every tile; it names
+    the slide as the client did, never a server path. Unknown ids answer 404."""
+    import geojson
+    from shapely.geometry import shape
+
+    with service.client() as client:
+        body = client.post("/v1/score", params={"geojson": "true"}, json={"slide": "her2-2.tiff", "seed": 3}).json()
+        assert body["geojson_url"] == f"/v1/score/{body['score_id']}/geojson" and body["overlay_url"] is None
+        answer = client.get(body["geojson_url"])
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/geo+json"
+        assert all(client.get(body["geojson_url"]).content == answer.content for _ in range(4))
+        assert (service.tmp / "work" / "overlays" / f"{body['score_id']}.geojson").read_bytes() == answer.content
+        for missing in ("no-such-id", uuid.uuid4().hex, "..%2F..%2Fetc%2Fpasswd"):
+            assert client.get(f"/v1/score/{missing}/geojson").status_code == 404
+    assert geojson.loads(answer.text).is_valid and str(service.tmp) not in answer.text
+    collection = answer.json()
+    assert collection["properties"]["slide"] == "her2-2.tiff"
+    assert collection["properties"]["predicted_label"] == body["predicted_label"]
+    features = collection["features"]
+    tiles = [f for f in features if f["properties"]["kind"] == "tile"]
+    assert [shape(f["geometry"]).bounds for f in tiles] == [
+        (t["level0_box"]["x0"], t["level0_box"]["y0"], t["level0_box"]["x0"] + t["level0_box"]["width"],
+         t["level0_box"]["y0"] + t["level0_box"]["height"]) for t in body["tiles"]]
+    (tissue,) = [shape(f["geometry"]) for f in features if f["properties"]["kind"] == "tissue"]
+    for number, tile in enumerate(tiles, start=1):
+        polygon = shape(tile["geometry"])
+        glimpses = [shape(f["geometry"]) for f in features
+                    if f["properties"]["kind"] == "glimpse" and f["properties"]["tile_number"] == number]
+        assert len(glimpses) == len(body["tiles"][number - 1]["glimpse_trail_level0"]) > 0
+        assert all(polygon.covers(g) for g in glimpses) and tissue.intersects(polygon)
 
 
 def test_eight_concurrent_requests_all_succeed(service: Service) -> None:
@@ -799,3 +835,10 @@ def test_overlay_store_keeps_the_most_recent_and_refuses_foreign_ids(tmp_path: P
         assert first.get(foreign) is None
     with pytest.raises(ValueError, match="32 hex digits"):
         first.put("../escape", b"x")
+    # A GeoJSON store in the same folder keeps its own most recent files and leaves the PNGs alone.
+    geojsons = OverlayStore(tmp_path, capacity=1, suffix=".geojson")
+    geojsons.put(ids[0], b"{}")
+    time.sleep(0.01)
+    geojsons.put(ids[1], b"[]")
+    assert geojsons.get(ids[0]) is None and geojsons.get(ids[1]) == b"[]" and len(geojsons) == 1
+    assert len(first) == 3 and first.get(ids[1]) is None  # ids[1]'s PNG was evicted before, not its GeoJSON
