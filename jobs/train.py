@@ -151,6 +151,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = DualAttentionConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Where Ray placed each worker (the workers SPREAD over the nodes; the cluster recipe test reads this).
+    print(f"[train] worker {rank + 1}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     seed = config.train.seed
     torch.manual_seed(seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
