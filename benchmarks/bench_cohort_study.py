@@ -429,7 +429,7 @@ def main() -> None:
     started = time.perf_counter()
     results = []
     giga = None
-    with RaySession():
+    with RaySession(log_to_driver=False):
         pool = TilePool(num_actors=args.num_readers)
         try:
             if args.giga_only:
