@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -49,6 +48,7 @@ from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import ReadTiles, SlideScore, score_slide
 from dual_attention.slides import open_slide, tissue_mask
+from jobs.ray_runtime import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
 
@@ -303,41 +303,6 @@ def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs
                              glimpse_level0_px=config.agent.glimpse_px)
 
 
-# -- Ray -----------------------------------------------------------------------------------------------------
-
-
-class RaySession:
-    """Joins the Ray cluster that ``address`` or ``$RAY_ADDRESS`` names (a submitted Ray job has it set),
-    else starts a local instance of its own, unless Ray is already initialised; shuts down only what this
-    object started."""
-
-    def __init__(self, num_cpus: int | None = None, address: str | None = None) -> None:
-        import ray
-
-        self.started = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            # Without an address, "local": always a fresh instance of our own, never a `ray start` cluster
-            # that happens to run on this machine.
-            address = address or os.environ.get("RAY_ADDRESS") or None
-            kwargs["address"] = address or "local"
-            if not address:
-                # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.
-                kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
-            ray.init(**kwargs)
-            self.started = True
-
-    def __enter__(self) -> RaySession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
-
-
 def evaluate_manifest(
     model_ref: str | Path | None,
     manifest_path: str | Path,
@@ -371,7 +336,7 @@ def evaluate_manifest(
         raise ValueError("evaluate_manifest: a model passed directly needs its config")
     rows = select_rows(manifest_path, folds, task=config.task)
     out_dir = Path(out_dir)
-    with RaySession():
+    with RaySession(log_to_driver=False):
         own_pool = pool is None
         pool = pool or TilePool(num_actors=num_readers)
         try:

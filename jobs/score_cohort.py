@@ -393,8 +393,8 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
                  cache_dir: str | None = None, progress: bool = True, geojson: bool = True) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
-    starts one as the other jobs do (``RaySession``), and only when there is something to score."""
-    from jobs.evaluate import RaySession
+    starts one by the jobs' one rule (``jobs.ray_runtime``), and only when there is something to score."""
+    from jobs.ray_runtime import RaySession
 
     if sampler not in ("attention", "random"):
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
@@ -409,7 +409,7 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     report = CohortReport(out_dir=out_dir, total=len(rows), skipped=len(rows) - len(todo), failures=[])
     if not todo:
         return report
-    with RaySession():
+    with RaySession(log_to_driver=False):
         _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
                       sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
                       cache_dir=cache_dir, progress=progress, geojson=geojson)
