@@ -174,7 +174,8 @@ class StageSettings:
 
 
 class ProposeStage:
-    """Stage 1 (CPU actor): slide row -> thumbnail, tissue mask -> proposed level-0 boxes."""
+    """Stage 1 (CPU actor): slide row -> thumbnail, tissue mask -> proposed level-0 boxes. A row with a true
+    ``overlay`` also carries its thumbnail and attention map on (``overlay_views``), for the driver to draw."""
 
     def __init__(self, model: Any, settings: StageSettings) -> None:
         self.model = model.eval()
@@ -188,6 +189,8 @@ class ProposeStage:
         out = {**row, "slide_seed": seed, "status": "ok", "error": "", "boxes": "[]", "attention": "[]",
                "width_level0_px": 0, "height_level0_px": 0, "thumbnail_s": float("nan"),
                "propose_s": float("nan"), "read_s": float("nan"), "tiles": b"", "n_tiles": 0}
+        if "overlay" in row:  # one type per column: every row of an overlay-flagged input has both
+            out |= {"thumbnail": b"", "attention_map": b"", "thumbnail_h": 0, "thumbnail_w": 0}
         try:
             inputs = load_slide_input(row["path"], config.slide.thumbnail_downsample,
                                       config.slide.tissue_min_area_thumb_px, settings.cache_dir)
@@ -200,9 +203,23 @@ class ProposeStage:
                     "attention": json.dumps([float(w) for w in proposal.attention_weights]),
                     "width_level0_px": inputs.level0_dims[0], "height_level0_px": inputs.level0_dims[1],
                     "thumbnail_s": inputs.thumbnail_s, "propose_s": time.perf_counter() - started}
+            if row.get("overlay"):
+                out |= {"thumbnail": inputs.thumbnail.astype(np.uint8).tobytes(),
+                        "attention_map": proposal.attention_map.astype(np.float64).tobytes(),
+                        "thumbnail_h": inputs.thumbnail.shape[0], "thumbnail_w": inputs.thumbnail.shape[1]}
         except Exception as error:  # noqa: BLE001 - a bad slide becomes an error row, never a failed job
             out |= _error_fields(error)
         return out
+
+
+def overlay_views(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(thumbnail (h, w, 3) uint8, attention map (h, w) float64) of a row scored with ``overlay`` set, else
+    None."""
+    if not row.get("overlay") or not row.get("attention_map"):
+        return None
+    attention = np.frombuffer(row["attention_map"], dtype=np.float64)
+    height, width = row["thumbnail_h"], row["thumbnail_w"]
+    return np.frombuffer(row["thumbnail"], dtype=np.uint8).reshape(height, width, 3), attention.reshape(height, width)
 
 
 def _boxes(row: dict[str, Any]) -> list[Level0Box]:
@@ -320,6 +337,17 @@ class CohortReport:
     def slides_per_hour(self) -> float:
         return 3600.0 * (self.scored + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def count(self, slide_rows: Sequence[dict[str, Any]], elapsed_s: float) -> None:
+        """Count a batch of finished slides (rows with ``status`` and ``error``) into the totals."""
+        for row in slide_rows:
+            if row["status"] == "ok":
+                self.scored += 1
+            else:
+                self.failed += 1
+                if self.failures is not None:
+                    self.failures.append((row["slide_id"], row["error"]))
+        self.elapsed_s = elapsed_s
+
     def progress_line(self) -> str:
         todo = self.total - self.skipped
         return (f"{self.scored + self.failed}/{todo} slides: {self.scored} scored, {self.failed} failed, "
@@ -379,38 +407,47 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
 def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
                   report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
                   seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool) -> None:
+    run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
+    batches = scored_batches(model, config, todo, model_name=model_name, model_version=model_version,
+                             sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
+                             cache_dir=cache_dir, progress_bars=progress)
+    started = time.perf_counter()
+    for batch_index, batch in enumerate(batches):
+        slides, tiles = result_tables(batch, config.class_names, run)
+        name = f"part-{run:03d}-{batch_index:05d}.parquet"
+        _write_part(tiles, out_dir / TILES_DIR / name)  # tiles first: see _remove_orphan_tile_parts
+        _write_part(slides, out_dir / SLIDES_DIR / name)
+        report.count(slides.to_pylist(), time.perf_counter() - started)
+        print(report.progress_line(), flush=True)
+
+
+def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[str, Any]], *,
+                   model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
+                   seed: int = 0, concurrency: int = 1, propose_actors: int = 1, read_tasks: int | None = None,
+                   cache_dir: str | None = None, progress_bars: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """The scoring pipeline (the one loop that scores slides for the cohort job, evaluation and the
+    random-sampling baseline): ``todo`` rows (``slide_id``, ``path``, ``label``; other keys of one type per
+    column pass through, e.g. an ``overlay`` flag, see ``ProposeStage``) -> agent-stage rows, a batch at a time
+    as slides finish, in no particular order. Needs Ray initialised. ``read_tasks`` caps the tile-read tasks
+    running at once (None: as many as the CPUs allow)."""
     import ray
 
-    run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
     settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
+    context.enable_progress_bars = progress_bars
 
     # One block per slide, so that the stages work on different slides at once.
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+    ds = ray.data.from_items(list(todo), override_num_blocks=len(todo))
     ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
                 compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
     # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
     # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which would
     # hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
-    ds = ds.map(read_tiles_stage, num_cpus=0.5)
+    ds = ds.map(read_tiles_stage, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=read_tasks))
     ds = ds.map(AgentStage, fn_constructor_kwargs={"model": model, "settings": settings, "model_name": model_name,
                                                    "model_version": model_version},
                 compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
-    started = time.perf_counter()
-    for batch_index, batch in enumerate(_batches(ds)):
-        slides, tiles = result_tables(batch, config.class_names, run)
-        name = f"part-{run:03d}-{batch_index:05d}.parquet"
-        _write_part(tiles, out_dir / TILES_DIR / name)  # tiles first: see _remove_orphan_tile_parts
-        _write_part(slides, out_dir / SLIDES_DIR / name)
-        for row in slides.to_pylist():
-            if row["status"] == "ok":
-                report.scored += 1
-            else:
-                report.failed += 1
-                report.failures.append((row["slide_id"], row["error"]))
-        report.elapsed_s = time.perf_counter() - started
-        print(report.progress_line(), flush=True)
+    yield from _batches(ds)
 
 
 def _batches(ds: Any) -> Iterator[list[dict[str, Any]]]:

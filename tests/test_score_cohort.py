@@ -149,3 +149,37 @@ def test_the_agent_stage_on_a_gpu_scores_as_in_process_cpu_scoring(cohort: Path,
         expected, _, _ = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
         assert out["status"] == "ok" and out["predicted_class"] == expected.predicted_class
         assert [out[f"prob_{n}"] for n in config.class_names] == pytest.approx(expected.class_probabilities, abs=1e-4)
+
+
+def test_evaluation_and_the_random_baseline_score_through_the_cohort_pipeline(
+    ray_cluster: None, cohort: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One scoring path: evaluate's predictions (random sampler, as the random baseline runs it) are the
+    cohort job's rows for the same model, sampler and seed; both show progress while they run."""
+    from jobs.evaluate import evaluate_rows, select_rows
+
+    model, config, _ = load_checkpoint(checkpoint)
+    out = tmp_path / "random-cohort"
+    assert main(["--model", str(checkpoint), "--manifest", str(cohort), "--out", str(out), "--seed", str(SEED),
+                 "--sampler", "random", "--quiet"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    # a progress line per batch received, counting up to every slide (3 scored, 1 failed)
+    done = [int(line.split("/")[0]) for line in lines]
+    assert done == sorted(done) and done[-1] == 4 and len(lines) >= 2
+    assert all("slides/h" in line for line in lines) and lines[-1].startswith("4/4 slides: 3 scored, 1 failed")
+    cohort_rows = {r["slide_id"]: r for r in read_scores(out)}
+    cohort_tiles = pq.read_table(out / "tiles").to_pylist()
+
+    rows = select_rows(cohort, task="her2")
+    report = evaluate_rows(model, config, rows, sampler="random", seed=SEED, progress=True)
+    assert "evaluate (random-sampling)" in capsys.readouterr().err  # the progress bar
+    assert [p["slide_id"] for p in report.predictions] == [r["slide_id"] for r in rows if r["slide_id"] != "broken"]
+    assert [(s["slide_id"], s["error"]) for s in report.skipped] == [("broken", "SlideError")]
+    assert report.skipped[0]["reason"] in cohort_rows["broken"]["error"]
+    for prediction in report.predictions:
+        expected = cohort_rows[prediction["slide_id"]]
+        assert expected["sampler"] == "random" and prediction["method"] == "random-sampling"
+        for key in ("predicted_class", "n_tiles", "level0_pixels_read", *(f"prob_{n}" for n in config.class_names)):
+            assert prediction[key] == pytest.approx(expected[key], abs=1e-6), key
+    tiles = [(t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in report.tiles]
+    assert sorted(tiles) == sorted((t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in cohort_tiles)
