@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -183,3 +185,39 @@ def test_evaluation_and_the_random_baseline_score_through_the_cohort_pipeline(
             assert prediction[key] == pytest.approx(expected[key], abs=1e-6), key
     tiles = [(t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in report.tiles]
     assert sorted(tiles) == sorted((t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in cohort_tiles)
+
+
+def test_a_job_killed_between_a_parts_tiles_and_slides_resumes_with_every_slide_once(
+    cohort: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a SIGKILL leaves (a finished part, then a part whose tiles were written but not its slides) is
+    resumed exactly: the orphan tiles go, the finished slide is skipped, the others are scored once. The
+    pipeline is replaced by the stages run in this process (no Ray), which is all the resume logic sees."""
+    import jobs.score_cohort as score_cohort_module
+
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED)
+    propose, agent = ProposeStage(model, settings), AgentStage(model, settings, "ckpt", None)
+
+    def in_process(_model: object, _config: object, todo: list[dict], **_: object) -> Iterator[list[dict]]:
+        for row in todo:  # scored_batches' stand-in
+            yield [agent(read_tiles_stage(propose(row)))]
+
+    monkeypatch.setattr(score_cohort_module, "scored_batches", in_process)
+    monkeypatch.setattr("jobs.evaluate.RaySession", contextlib.nullcontext)
+    rows = [r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken"]
+    out = tmp_path / "killed"
+    score_cohort_module._run_pipeline(model, config, rows[:1], out, score_cohort_module.CohortReport(out, 1, 0),
+                                      model_name="ckpt", model_version=None, sampler="attention", seed=SEED,
+                                      concurrency=1, propose_actors=1, cache_dir=None, progress=False)
+    finished = next((out / "tiles").glob("*.parquet"))
+    orphan = out / "tiles" / "part-001-00001.parquet"  # the killed part: its tiles made it, its slides did not
+    shutil.copyfile(finished, orphan)
+
+    report = score_cohort_module.score_cohort(model, config, rows, out, model_name="ckpt", seed=SEED)
+    assert report.skipped == 1 and report.scored == len(rows) - 1 and not orphan.exists()
+    written = [r["slide_id"] for p in sorted((out / "slides").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(written) == sorted(r["slide_id"] for r in rows)  # each slide exactly once
+    tiles = pq.read_table(out / "tiles").to_pylist()
+    assert len({(t["slide_id"], t["tile_index"]) for t in tiles}) == len(tiles) == sum(
+        r["n_tiles"] for r in read_scores(out))
