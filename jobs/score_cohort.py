@@ -14,7 +14,9 @@ suffix). The stages, each a Ray Data operator:
 3. ``AgentStage`` (actor pool of ``--concurrency`` actors, a GPU each when the cluster has them): the
    hard-attention agent over the tiles (``pipeline.score_tiles``) and the slide score (``pipeline.aggregate``).
 
-The stages are the ones ``pipeline.score_slide`` composes, with the same per-slide seed
+On a cluster without GPUs the three run fused (``--stages``, default auto): each of ``--propose-actors +
+--concurrency`` CPU actors scores whole slides (``SlideStage``), which measured cheaper on CPUs than handing
+tiles between processes (``benchmarks/RESULTS.md``, "Cohort job"). The stages are the ones ``pipeline.score_slide`` composes, with the same per-slide seed
 (``pipeline.slide_seed``), so a slide scores here exactly as in process. Written into ``--out``, one part per
 batch the driver receives (so a stopped job keeps what it finished):
 
@@ -60,6 +62,7 @@ from dual_attention.slides import Level0Box, open_slide
 # Suffixes of the single-file slide formats OpenSlide reads (folder input); other files are ignored.
 SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".svslide", ".bif")
 SLIDES_DIR, TILES_DIR = "slides", "tiles"
+STAGE_PLANS = ("auto", "split", "fused")  # see scored_batches
 NO_LABEL = -1  # Ray Data blocks need one type per column: an unlabelled slide carries -1, written as null
 
 
@@ -295,6 +298,21 @@ class AgentStage:
         return out
 
 
+class SlideStage:
+    """The three stages in one CPU actor (``--stages fused``, the default on a cluster without GPUs): a slide's
+    tiles never leave the process that read them, and no read-task workers start. Measured on 2 cores
+    (``benchmarks/bench_cohort_job.py``): the split pipeline's cost was the start of its actors and read-task
+    workers and the tiles' hand-over through the object store, not the scoring."""
+
+    def __init__(self, model: Any, settings: StageSettings, model_name: str | None, model_version: str | None
+                 ) -> None:
+        self.propose = ProposeStage(model, settings)
+        self.agent = AgentStage(model, settings, model_name, model_version)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.agent(read_tiles_stage(self.propose(row)))
+
+
 def result_tables(rows: Sequence[dict[str, Any]], class_names: Sequence[str], run: int
                   ) -> tuple[pa.Table, pa.Table]:
     """Agent-stage rows -> (slides table, tiles table) with the fixed schemas; sentinels become nulls."""
@@ -365,11 +383,15 @@ def _check_same_job(existing: list[dict[str, Any]], model_name: str | None, mode
                              f"{wanted}: use another --out")
 
 
-def _agent_resources(concurrency: int) -> dict[str, float]:
-    """A GPU share per agent actor when the cluster has GPUs (at most one each), else one CPU."""
+def _cluster_gpus() -> float:
     import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _agent_resources(concurrency: int) -> dict[str, float]:
+    """A GPU share per agent actor when the cluster has GPUs (at most one each), else one CPU."""
+    gpus = _cluster_gpus()
     if gpus >= 1:
         return {"num_gpus": min(1.0, gpus / concurrency)}
     return {"num_cpus": 1}
@@ -378,7 +400,7 @@ def _agent_resources(concurrency: int) -> dict[str, float]:
 def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[str, Any]], out_dir: str | Path, *,
                  model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                  seed: int = 0, concurrency: int = 1, propose_actors: int = 1, retry_errors: bool = False,
-                 cache_dir: str | None = None, progress: bool = True) -> CohortReport:
+                 cache_dir: str | None = None, progress: bool = True, stages: str = "auto") -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
     starts one as the other jobs do (``RaySession``), and only when there is something to score."""
@@ -388,6 +410,8 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
     if concurrency < 1 or propose_actors < 1:
         raise ValueError(f"--concurrency and --propose-actors must be >= 1, got {concurrency}, {propose_actors}")
+    if stages not in STAGE_PLANS:
+        raise ValueError(f"unknown --stages {stages!r}; expected one of {STAGE_PLANS}")
     out_dir = Path(out_dir)
     _remove_orphan_tile_parts(out_dir)
     existing = read_scores(out_dir)
@@ -400,17 +424,18 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     with RaySession():
         _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
                       sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                      cache_dir=cache_dir, progress=progress)
+                      cache_dir=cache_dir, progress=progress, stages=stages)
     return report
 
 
 def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
                   report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
-                  seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool) -> None:
+                  seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool,
+                  stages: str = "auto") -> None:
     run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
     batches = scored_batches(model, config, todo, model_name=model_name, model_version=model_version,
                              sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                             cache_dir=cache_dir, progress_bars=progress)
+                             cache_dir=cache_dir, progress_bars=progress, stages=stages)
     started = time.perf_counter()
     for batch_index, batch in enumerate(batches):
         slides, tiles = result_tables(batch, config.class_names, run)
@@ -424,29 +449,38 @@ def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, 
 def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[str, Any]], *,
                    model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                    seed: int = 0, concurrency: int = 1, propose_actors: int = 1, read_tasks: int | None = None,
-                   cache_dir: str | None = None, progress_bars: bool = False) -> Iterator[list[dict[str, Any]]]:
+                   cache_dir: str | None = None, progress_bars: bool = False, stages: str = "auto"
+                   ) -> Iterator[list[dict[str, Any]]]:
     """The scoring pipeline (the one loop that scores slides for the cohort job, evaluation and the
     random-sampling baseline): ``todo`` rows (``slide_id``, ``path``, ``label``; other keys of one type per
     column pass through, e.g. an ``overlay`` flag, see ``ProposeStage``) -> agent-stage rows, a batch at a time
-    as slides finish, in no particular order. Needs Ray initialised. ``read_tasks`` caps the tile-read tasks
-    running at once (None: as many as the CPUs allow)."""
+    as slides finish, in no particular order. Needs Ray initialised.
+
+    ``stages``: "split" runs propose actors (``propose_actors``), tile-read tasks (at most ``read_tasks`` at
+    once; None: as many as the CPUs allow) and agent actors (``concurrency``, a GPU each where there are GPUs)
+    as three operators; "fused" runs all three in each of ``propose_actors + concurrency`` CPU actors
+    (``SlideStage``); "auto": split when the cluster has GPUs, else fused."""
     import ray
 
     settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress_bars
+    agent_kwargs = {"model": model, "settings": settings, "model_name": model_name, "model_version": model_version}
 
-    # One block per slide, so that the stages work on different slides at once.
+    # One block per slide, so that the actors work on different slides at once.
     ds = ray.data.from_items(list(todo), override_num_blocks=len(todo))
-    ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
-                compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
-    # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
-    # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which would
-    # hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
-    ds = ds.map(read_tiles_stage, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=read_tasks))
-    ds = ds.map(AgentStage, fn_constructor_kwargs={"model": model, "settings": settings, "model_name": model_name,
-                                                   "model_version": model_version},
-                compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
+    if stages == "fused" or (stages == "auto" and _cluster_gpus() < 1):
+        ds = ds.map(SlideStage, fn_constructor_kwargs=agent_kwargs,
+                    compute=ray.data.ActorPoolStrategy(size=propose_actors + concurrency), num_cpus=1)
+    else:
+        ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
+                    compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
+        # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
+        # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which
+        # would hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
+        ds = ds.map(read_tiles_stage, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=read_tasks))
+        ds = ds.map(AgentStage, fn_constructor_kwargs=agent_kwargs,
+                    compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
     yield from _batches(ds)
 
 
@@ -473,6 +507,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1, help="agent actors (a GPU each when there are GPUs)")
     parser.add_argument("--propose-actors", type=int, default=1,
                         help="CPU actors for thumbnails, tissue masks, soft attention and sampling")
+    parser.add_argument("--stages", choices=STAGE_PLANS, default="auto",
+                        help="split: propose actors, read tasks, agent actors; fused: all three in each of "
+                             "propose-actors + concurrency CPU actors; auto (default): split where there are GPUs")
     parser.add_argument("--retry-errors", action="store_true", help="score slides that failed before again")
     parser.add_argument("--cache-dir", default=None, help="thumbnail/tissue-mask cache of jobs.preprocess")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
@@ -495,7 +532,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
                               sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
-                              propose_actors=args.propose_actors, retry_errors=args.retry_errors,
+                              propose_actors=args.propose_actors, retry_errors=args.retry_errors, stages=args.stages,
                               cache_dir=args.cache_dir, progress=not args.quiet)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

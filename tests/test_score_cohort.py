@@ -156,14 +156,15 @@ def test_the_agent_stage_on_a_gpu_scores_as_in_process_cpu_scoring(cohort: Path,
 def test_evaluation_and_the_random_baseline_score_through_the_cohort_pipeline(
     ray_cluster: None, cohort: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """One scoring path: evaluate's predictions (random sampler, as the random baseline runs it) are the
-    cohort job's rows for the same model, sampler and seed; both show progress while they run."""
+    """One scoring path: evaluate's predictions (random sampler, as the random baseline runs it; stages fused,
+    the default without GPUs) are the cohort job's rows (stages split) for the same model, sampler and seed;
+    both show progress while they run."""
     from jobs.evaluate import evaluate_rows, select_rows
 
     model, config, _ = load_checkpoint(checkpoint)
     out = tmp_path / "random-cohort"
     assert main(["--model", str(checkpoint), "--manifest", str(cohort), "--out", str(out), "--seed", str(SEED),
-                 "--sampler", "random", "--quiet"]) == 0
+                 "--sampler", "random", "--stages", "split", "--quiet"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
     # a progress line per batch received, counting up to every slide (3 scored, 1 failed)
     done = [int(line.split("/")[0]) for line in lines]
