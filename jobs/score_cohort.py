@@ -400,7 +400,8 @@ def _agent_resources(concurrency: int) -> dict[str, float]:
 def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[str, Any]], out_dir: str | Path, *,
                  model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                  seed: int = 0, concurrency: int = 1, propose_actors: int = 1, retry_errors: bool = False,
-                 cache_dir: str | None = None, progress: bool = True, stages: str = "auto") -> CohortReport:
+                 cache_dir: str | None = None, progress: bool = True, stages: str = "auto",
+                 slides_per_block: int | None = None) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
     starts one as the other jobs do (``RaySession``), and only when there is something to score."""
@@ -410,6 +411,8 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
     if concurrency < 1 or propose_actors < 1:
         raise ValueError(f"--concurrency and --propose-actors must be >= 1, got {concurrency}, {propose_actors}")
+    if slides_per_block is not None and slides_per_block < 1:
+        raise ValueError(f"--slides-per-block must be >= 1, got {slides_per_block}")
     if stages not in STAGE_PLANS:
         raise ValueError(f"unknown --stages {stages!r}; expected one of {STAGE_PLANS}")
     out_dir = Path(out_dir)
@@ -424,18 +427,19 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     with RaySession():
         _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
                       sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                      cache_dir=cache_dir, progress=progress, stages=stages)
+                      cache_dir=cache_dir, progress=progress, stages=stages, slides_per_block=slides_per_block)
     return report
 
 
 def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
                   report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
                   seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool,
-                  stages: str = "auto") -> None:
+                  stages: str = "auto", slides_per_block: int | None = None) -> None:
     run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
     batches = scored_batches(model, config, todo, model_name=model_name, model_version=model_version,
                              sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                             cache_dir=cache_dir, progress_bars=progress, stages=stages)
+                             cache_dir=cache_dir, progress_bars=progress, stages=stages,
+                             slides_per_block=slides_per_block)
     started = time.perf_counter()
     for batch_index, batch in enumerate(batches):
         slides, tiles = result_tables(batch, config.class_names, run)
@@ -446,11 +450,18 @@ def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, 
         print(report.progress_line(), flush=True)
 
 
+def default_slides_per_block(n_slides: int, actors: int) -> int:
+    """Slides per Ray Data block: up to 8 (each block is a task and a part written; on 2048² slides the
+    per-block cost was about half a slide's, measured), but at least 4 blocks per actor so that the actors
+    share the work evenly and a stopped job loses little."""
+    return max(1, min(8, n_slides // (4 * actors)))
+
+
 def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[str, Any]], *,
                    model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                    seed: int = 0, concurrency: int = 1, propose_actors: int = 1, read_tasks: int | None = None,
-                   cache_dir: str | None = None, progress_bars: bool = False, stages: str = "auto"
-                   ) -> Iterator[list[dict[str, Any]]]:
+                   cache_dir: str | None = None, progress_bars: bool = False, stages: str = "auto",
+                   slides_per_block: int | None = None) -> Iterator[list[dict[str, Any]]]:
     """The scoring pipeline (the one loop that scores slides for the cohort job, evaluation and the
     random-sampling baseline): ``todo`` rows (``slide_id``, ``path``, ``label``; other keys of one type per
     column pass through, e.g. an ``overlay`` flag, see ``ProposeStage``) -> agent-stage rows, a batch at a time
@@ -459,7 +470,8 @@ def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[
     ``stages``: "split" runs propose actors (``propose_actors``), tile-read tasks (at most ``read_tasks`` at
     once; None: as many as the CPUs allow) and agent actors (``concurrency``, a GPU each where there are GPUs)
     as three operators; "fused" runs all three in each of ``propose_actors + concurrency`` CPU actors
-    (``SlideStage``); "auto": split when the cluster has GPUs, else fused."""
+    (``SlideStage``); "auto": split when the cluster has GPUs, else fused. ``slides_per_block`` (None:
+    ``default_slides_per_block``) slides travel together through the operators."""
     import ray
 
     settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir)
@@ -467,9 +479,11 @@ def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[
     context.enable_progress_bars = progress_bars
     agent_kwargs = {"model": model, "settings": settings, "model_name": model_name, "model_version": model_version}
 
-    # One block per slide, so that the actors work on different slides at once.
-    ds = ray.data.from_items(list(todo), override_num_blocks=len(todo))
-    if stages == "fused" or (stages == "auto" and _cluster_gpus() < 1):
+    fused = stages == "fused" or (stages == "auto" and _cluster_gpus() < 1)
+    actors = propose_actors + concurrency if fused else propose_actors
+    per_block = slides_per_block or default_slides_per_block(len(todo), actors)
+    ds = ray.data.from_items(list(todo), override_num_blocks=-(-len(todo) // per_block))
+    if fused:
         ds = ds.map(SlideStage, fn_constructor_kwargs=agent_kwargs,
                     compute=ray.data.ActorPoolStrategy(size=propose_actors + concurrency), num_cpus=1)
     else:
@@ -510,6 +524,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--stages", choices=STAGE_PLANS, default="auto",
                         help="split: propose actors, read tasks, agent actors; fused: all three in each of "
                              "propose-actors + concurrency CPU actors; auto (default): split where there are GPUs")
+    parser.add_argument("--slides-per-block", type=int, default=None,
+                        help="slides per Ray Data block (default: up to 8, at least 4 blocks per actor)")
     parser.add_argument("--retry-errors", action="store_true", help="score slides that failed before again")
     parser.add_argument("--cache-dir", default=None, help="thumbnail/tissue-mask cache of jobs.preprocess")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
@@ -533,6 +549,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
                               sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
                               propose_actors=args.propose_actors, retry_errors=args.retry_errors, stages=args.stages,
+                              slides_per_block=args.slides_per_block,
                               cache_dir=args.cache_dir, progress=not args.quiet)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
