@@ -157,16 +157,16 @@ def test_evaluation_and_the_random_baseline_score_through_the_cohort_pipeline(
     ray_cluster: None, cohort: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """One scoring path: evaluate's predictions (random sampler, as the random baseline runs it; stages fused,
-    the default without GPUs) are the cohort job's rows (stages split) for the same model, sampler and seed;
-    both show progress while they run."""
+    the default without GPUs, a slide per block) are the cohort job's rows (stages split, two slides per block)
+    for the same model, sampler and seed; both show progress while they run."""
     from jobs.evaluate import evaluate_rows, select_rows
 
     model, config, _ = load_checkpoint(checkpoint)
     out = tmp_path / "random-cohort"
     assert main(["--model", str(checkpoint), "--manifest", str(cohort), "--out", str(out), "--seed", str(SEED),
-                 "--sampler", "random", "--stages", "split", "--quiet"]) == 0
+                 "--sampler", "random", "--stages", "split", "--slides-per-block", "2", "--quiet"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
-    # a progress line per batch received, counting up to every slide (3 scored, 1 failed)
+    # a progress line per block received (two slides each), counting up to every slide (3 scored, 1 failed)
     done = [int(line.split("/")[0]) for line in lines]
     assert done == sorted(done) and done[-1] == 4 and len(lines) >= 2
     assert all("slides/h" in line for line in lines) and lines[-1].startswith("4/4 slides: 3 scored, 1 failed")
@@ -222,3 +222,14 @@ def test_a_job_killed_between_a_parts_tiles_and_slides_resumes_with_every_slide_
     tiles = pq.read_table(out / "tiles").to_pylist()
     assert len({(t["slide_id"], t["tile_index"]) for t in tiles}) == len(tiles) == sum(
         r["n_tiles"] for r in read_scores(out))
+
+
+def test_slides_per_block_keeps_every_actor_busy_and_blocks_small() -> None:
+    from jobs.score_cohort import default_slides_per_block
+
+    for n_slides in (1, 3, 7, 20, 200, 5000):
+        for actors in (1, 2, 5):
+            per_block = default_slides_per_block(n_slides, actors)
+            assert 1 <= per_block <= 8
+            n_blocks = -(-n_slides // per_block)
+            assert n_blocks >= min(n_slides, 4 * actors)  # at least 4 blocks per actor where there are slides
