@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -45,6 +44,7 @@ from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import SlideScore, TileScore
 from dual_attention.slides import Level0Box, open_slide, tissue_mask
+from jobs.ray_runtime import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ def evaluate_rows(
     counts = CohortReport(out_dir=Path(overlay_dir or "."), total=len(todo), skipped=0)
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with RaySession(), tqdm(total=len(todo), desc=f"evaluate ({method})", unit="slide",
+    with RaySession(log_to_driver=False), tqdm(total=len(todo), desc=f"evaluate ({method})", unit="slide",
                             disable=not progress) as bar:
         if todo:
             for batch in scored_batches(model, config, todo, sampler=sampler, seed=seed, read_tasks=num_readers,
@@ -285,7 +285,7 @@ def _add_tile_records(report: EvaluationReport, slide_id: str, tile_records: Seq
 def _write_overlay_of(overlay_dir: Path, row: dict[str, Any], result: dict[str, Any], config: DualAttentionConfig,
                       method: str) -> None:
     """The overlay PNG of a scored slide whose row carried its views back (``overlay`` set)."""
-    from jobs.overlays import save_slide_score_overlay
+    from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
     from jobs.score_cohort import overlay_views
 
     views = overlay_views(result)
@@ -306,43 +306,11 @@ def _write_overlay_of(overlay_dir: Path, row: dict[str, Any], result: dict[str, 
     slide_id = str(result["slide_id"])
     title = (f"{slide_id} ({method}): true {names[int(row['label'])]}, predicted {score.predicted_label} "
              f"({score.confidence:.2f}), {100 * score.fraction_level0_read:.2f}% of level 0 read")
+    with open_slide(row["path"]) as slide:  # each tile at inset size, from the pyramid level that fits
+        previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
     save_slide_score_overlay(overlay_dir / f"{slide_id}.png", thumbnail, score,
-                             config.slide.thumbnail_downsample, title=title, class_names=names)
-
-
-# -- Ray -----------------------------------------------------------------------------------------------------
-
-
-class RaySession:
-    """Joins the Ray cluster that ``address`` or ``$RAY_ADDRESS`` names (a submitted Ray job has it set),
-    else starts a local instance of its own, unless Ray is already initialised; shuts down only what this
-    object started."""
-
-    def __init__(self, num_cpus: int | None = None, address: str | None = None) -> None:
-        import ray
-
-        self.started = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            # Without an address, "local": always a fresh instance of our own, never a `ray start` cluster
-            # that happens to run on this machine.
-            address = address or os.environ.get("RAY_ADDRESS") or None
-            kwargs["address"] = address or "local"
-            if not address:
-                # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.
-                kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
-            ray.init(**kwargs)
-            self.started = True
-
-    def __enter__(self) -> RaySession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
+                             config.slide.thumbnail_downsample, title=title, class_names=names, tile_images=previews,
+                             glimpse_level0_px=config.agent.glimpse_px)
 
 
 def evaluate_manifest(

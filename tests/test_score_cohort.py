@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,17 +11,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from shapely.geometry import shape
 
+from dual_attention.annotations import slide_score_geojson
 from dual_attention.checkpoint import load_checkpoint, save_checkpoint
 from dual_attention.config import preset
 from dual_attention.manifest import ManifestError, ManifestRow, manifest_rows, write_manifest
 from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import slide_seed
+from dual_attention.slides import tissue_mask
 from jobs.score import score_slide_path
 from jobs.score_cohort import (
     AgentStage,
     ProposeStage,
     StageSettings,
+    geojson_path,
     main,
     read_scores,
     read_tiles_stage,
@@ -90,6 +95,12 @@ def test_cohort_scores_match_in_process_scoring_and_a_rerun_resumes(
             assert tile["predicted_class"] == want.predicted_class
             assert tile["glimpse_x_level0_px"] == pytest.approx([x for x, _ in want.glimpse_trail_level0])
             assert tile["glimpse_y_level0_px"] == pytest.approx([y for _, y in want.glimpse_trail_level0])
+        # The slide's GeoJSON: its tiles are the tiles table's boxes, its tissue outline is there.
+        features = json.loads(geojson_path(out, slide_id).read_text())["features"]
+        assert [shape(f["geometry"]).bounds for f in features if f["properties"]["kind"] == "tile"] == [
+            (t["x0"], t["y0"], t["x0"] + t["width"], t["y0"] + t["height"]) for t in mine]
+        assert [f["properties"]["kind"] for f in features].count("tissue") == 1
+    assert not geojson_path(out, "broken").exists()
 
     parts = sorted(p.name for p in (out / "slides").glob("*.parquet"))
     assert len(parts) >= 2  # written as slides finished, not in one piece at the end
@@ -205,12 +216,13 @@ def test_a_job_killed_between_a_parts_tiles_and_slides_resumes_with_every_slide_
             yield [agent(read_tiles_stage(propose(row)))]
 
     monkeypatch.setattr(score_cohort_module, "scored_batches", in_process)
-    monkeypatch.setattr("jobs.evaluate.RaySession", contextlib.nullcontext)
+    monkeypatch.setattr("jobs.ray_runtime.RaySession", lambda **_: contextlib.nullcontext())
     rows = [r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken"]
     out = tmp_path / "killed"
     score_cohort_module._run_pipeline(model, config, rows[:1], out, score_cohort_module.CohortReport(out, 1, 0),
                                       model_name="ckpt", model_version=None, sampler="attention", seed=SEED,
-                                      concurrency=1, propose_actors=1, cache_dir=None, progress=False)
+                                      concurrency=1, propose_actors=1, cache_dir=None, progress=False,
+                                      geojson=False)
     finished = next((out / "tiles").glob("*.parquet"))
     orphan = out / "tiles" / "part-001-00001.parquet"  # the killed part: its tiles made it, its slides did not
     shutil.copyfile(finished, orphan)
@@ -233,3 +245,32 @@ def test_slides_per_block_keeps_every_actor_busy_and_blocks_small() -> None:
             assert 1 <= per_block <= 8
             n_blocks = -(-n_slides // per_block)
             assert n_blocks >= min(n_slides, 4 * actors)  # at least 4 blocks per actor where there are slides
+
+
+def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path) -> None:
+    """Run as plain objects (no Ray), the stages' GeoJSON has the features ``score --geojson`` writes for the
+    same slide and seed (outlines drawn in stage 1, tiles and glimpses in stage 3)."""
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED, geojson=True)
+    propose, agent = ProposeStage(model, settings), AgentStage(model, settings, "ckpt", "3")
+    row = next(r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken")
+    out = agent(read_tiles_stage(propose(row)))
+    collection = json.loads(out["geojson"])
+    assert collection["properties"]["slide_id"] == row["slide_id"]
+    assert collection["properties"]["model"] == {"name": "ckpt", "version": "3"}
+    score, thumbnail, info = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
+    expected = slide_score_geojson(score, tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px),
+                                   config.class_names, config.slide.thumbnail_downsample, info.dimensions,
+                                   config.agent.glimpse_px)
+    assert json.loads(json.dumps(expected["features"])) == collection["features"]
+    no_geojson = StageSettings(config=config, sampler="attention", seed=SEED)  # off unless asked for
+    assert AgentStage(model, no_geojson, "ckpt", "3")(read_tiles_stage(ProposeStage(model, no_geojson)(row)))[
+        "geojson"] == ""
+
+
+def test_geojson_paths_stay_in_the_output_folder(tmp_path: Path) -> None:
+    assert geojson_path(tmp_path, "a") == tmp_path / "geojson" / "a.geojson"
+    assert geojson_path(tmp_path, "site-1/a.b") == tmp_path / "geojson" / "site-1" / "a.b.geojson"
+    for slide_id in ("../../etc/x", "/abs/x", "a\\..\\b"):
+        path = geojson_path(tmp_path, slide_id)
+        assert path.parent == tmp_path / "geojson" and ".." not in path.parts, slide_id
