@@ -156,7 +156,7 @@ def run_task(task: str, args: argparse.Namespace, pool: Any) -> dict[str, Any]:
     reports = {}
     for sampler, method in (("attention", "dual-attention"), ("random", "random-sampling")):
         started = time.perf_counter()
-        report = evaluate_rows(model, config, test_rows, pool.read_tiles_fn, pool.pixels_read_level0,
+        report = evaluate_rows(model, config, test_rows,
                                sampler=sampler, seed=args.seed, method=method, progress=False)
         report.write(work / method)
         reports[method] = report

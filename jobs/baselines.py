@@ -2,8 +2,8 @@
 
 ``python -m jobs.baselines random --model REF --manifest M --out DIR``
     Random sampling: the same trained agent, but its tiles are drawn uniformly over tissue by Gumbel-max
-    (without replacement, seeded) instead of by the soft-attention model. Runs ``jobs.evaluate``'s loop
-    with ``sampler="random"``.
+    (without replacement, seeded) instead of by the soft-attention model. Runs ``jobs.evaluate`` with
+    ``sampler="random"``: the cohort job's pipeline (``jobs.score_cohort``) with the sampler replaced.
 
 ``python -m jobs.baselines sliding-window --manifest M --train-folds 1,2,3 --test-folds 0 --out DIR``
     Sliding window (``dual_attention.sliding_window``): every patch with enough stained tissue is scored
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from dual_attention.config import CLASS_NAMES, NUM_CLASSES
 from dual_attention.manifest import ManifestError
+from dual_attention.pipeline import slide_seed
 from dual_attention.slides import SlideError, open_slide, tissue_mask
 from dual_attention.sliding_window import (
     ReadPatches,
@@ -56,7 +57,6 @@ from jobs.evaluate import (
     print_report,
     select_rows,
     set_torch_threads,
-    slide_seed,
 )
 from jobs.ray_runtime import RaySession
 

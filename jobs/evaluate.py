@@ -12,13 +12,11 @@
   weighted confidence and combined points (``dual_attention.metrics``);
 - ``overlays/*.png``: attention map, tiles and glimpse trails of the first ``--overlays`` slides.
 
-How the work is spread: slides are scored one after another in this process, which holds the one copy of
-the model (no model shipping, no per-slide Ray task start-up, and the SAM and agent are small); while a
-slide is scored, a thread pool prepares the next slides' thumbnails and tissue masks (OpenSlide releases
-the GIL); every slide's tiles are read in parallel by the Ray tile plane's reader actors (``TilePool``).
-On a 2-core machine this keeps both cores busy without two model copies competing for them.
-
-The same loop runs the random-sampling baseline (``sampler="random"``, ``jobs/baselines.py``).
+How the work is spread: slides are scored by the cohort job's Ray Data pipeline
+(``jobs.score_cohort.scored_batches``: a propose actor for thumbnail, tissue mask, soft attention and
+sampling, tile-read tasks (at most ``--num-readers`` at once), an agent actor), so evaluation, the cohort job
+and the random-sampling baseline (``sampler="random"``, ``jobs/baselines.py``) score a slide in the one
+same way; this module turns the scored rows into its tables, metrics and overlays.
 """
 
 from __future__ import annotations
@@ -29,9 +27,7 @@ import math
 import sys
 import time
 import warnings
-import zlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +42,8 @@ from tqdm import tqdm
 from dual_attention import metrics as slide_metrics_lib
 from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
-from dual_attention.pipeline import ReadTiles, SlideScore, score_slide
-from dual_attention.slides import open_slide, tissue_mask
+from dual_attention.pipeline import SlideScore, TileScore
+from dual_attention.slides import Level0Box, open_slide, tissue_mask
 from jobs.ray_runtime import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
@@ -81,11 +77,6 @@ def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int,
         objective = float(slide.info.objective_power)
     mask = tissue_mask(thumbnail, min_tissue_area_thumb_px)
     return SlideInput(thumbnail, mask, (dims[0], dims[1]), objective, time.perf_counter() - started)
-
-
-def slide_seed(seed: int, slide_id: str) -> int:
-    """A per-slide seed that does not depend on the order of the manifest."""
-    return (seed * 1_000_003 + zlib.crc32(slide_id.encode())) % (2**31 - 1)
 
 
 # -- metrics ------------------------------------------------------------------------------------------------
@@ -202,103 +193,122 @@ def select_rows(manifest_path: str | Path, folds: Sequence[int] | None = None, t
     return rows
 
 
-ReadTilesFactory = Callable[[str, int], ReadTiles]  # (slide path, tile side) -> ReadTiles
-PixelCounter = Callable[[str], int]  # slide path -> level-0 pixels read so far
-
-
 def evaluate_rows(
     model: Any,
     config: DualAttentionConfig,
     rows: Sequence[dict[str, Any]],
-    read_tiles_for: ReadTilesFactory,
-    pixels_read: PixelCounter | None = None,
     *,
     sampler: str = "attention",
     seed: int = 0,
     method: str | None = None,
     overlay_dir: str | Path | None = None,
     n_overlays: int = 0,
-    prefetch_threads: int = 2,
+    num_readers: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
-    """Score every row's slide; a slide that fails (unreadable file, no tissue, bad tiles) is recorded in
-    ``skipped`` with the error's type and message and the loop goes on."""
-    import torch
+    """Score every row's slide through the cohort job's pipeline (``jobs.score_cohort.scored_batches``: the
+    one scoring loop) and gather the predictions, tiles, glimpses and the slides that failed (in
+    ``skipped``, with the error's type and message: one bad slide never stops the cohort). Joins Ray when
+    initialised, else starts it. ``num_readers`` caps the tile-read tasks at once; overlays are drawn for the
+    first ``n_overlays`` rows (a row that fails has none)."""
+    from jobs.score_cohort import CohortReport, scored_batches
 
     method = method or ("dual-attention" if sampler == "attention" else f"{sampler}-sampling")
     report = EvaluationReport(method=method, task=config.task)
     names = config.class_names
-    downsample = config.slide.thumbnail_downsample
+    todo = [{"slide_id": str(row["slide_id"]), "path": str(row["path"]), "label": int(row["label"]),
+             "input_index": index, "overlay": overlay_dir is not None and index < n_overlays}
+            for index, row in enumerate(rows)]
+    counts = CohortReport(out_dir=Path(overlay_dir or "."), total=len(todo), skipped=0)
+    results: list[dict[str, Any]] = []
     started = time.perf_counter()
-    overlays_written = 0
-    with ThreadPoolExecutor(max_workers=max(1, prefetch_threads), thread_name_prefix="thumbnails") as executor:
-        futures: list[Future[SlideInput]] = [
-            executor.submit(load_slide_input, row["path"], downsample, config.slide.tissue_min_area_thumb_px,
-                            cache_dir)
-            for row in rows
-        ]
-        for row, future in tqdm(zip(rows, futures, strict=True), total=len(rows), desc=f"evaluate ({method})",
-                                unit="slide", disable=not progress):
-            slide_id, path = str(row["slide_id"]), str(row["path"])
-            try:
-                inputs = future.result()
-                pixels_before = pixels_read(path) if pixels_read else 0
-                score_started = time.perf_counter()
-                with torch.no_grad():
-                    score = score_slide(model, inputs.thumbnail, inputs.tissue_mask, inputs.level0_dims,
-                                        read_tiles_for(path, config.tile.tile_level0_px), config,
-                                        slide_seed(seed, slide_id), sampler=sampler)
-                score_s = time.perf_counter() - score_started
-            except Exception as error:  # noqa: BLE001 - one bad slide must not stop the cohort
-                report.skipped.append({"slide_id": slide_id, "path": path, "label": int(row["label"]),
-                                       "error": type(error).__name__, "reason": str(error)})
-                continue
-            pixels = (pixels_read(path) - pixels_before) if pixels_read else score.level0_pixels_read
-            area = inputs.level0_dims[0] * inputs.level0_dims[1]
-            prediction = {
-                "slide_id": slide_id, "path": path, "label": int(row["label"]), "fold": int(row["fold"]),
-                "method": method, "predicted_class": score.predicted_class,
-                "predicted_label": score.predicted_label, "confidence": score.confidence,
-                "correct": bool(score.predicted_class == int(row["label"])), "n_tiles": len(score.tiles),
-                "level0_pixels_read": int(pixels), "fraction_level0_read": pixels / area,
-                "width_level0_px": inputs.level0_dims[0], "height_level0_px": inputs.level0_dims[1],
-                "wall_time_s": inputs.thumbnail_s + score_s, "thumbnail_s": inputs.thumbnail_s, "score_s": score_s,
-            }
-            prediction |= {f"prob_{name}": float(p) for name, p in zip(names, score.class_probabilities, strict=True)}
-            report.predictions.append(prediction)
-            _add_tile_records(report, slide_id, score, names)
-            if overlay_dir is not None and overlays_written < n_overlays:
-                _write_overlay(Path(overlay_dir), slide_id, row, inputs, score, config, method)
-                overlays_written += 1
+    with RaySession(log_to_driver=False), tqdm(total=len(todo), desc=f"evaluate ({method})", unit="slide",
+                            disable=not progress) as bar:
+        if todo:
+            for batch in scored_batches(model, config, todo, sampler=sampler, seed=seed, read_tasks=num_readers,
+                                        cache_dir=None if cache_dir is None else str(cache_dir)):
+                counts.count(batch, time.perf_counter() - started)
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{counts.failed} failed, {counts.slides_per_hour:.0f} slides/h")
+                for result in batch:
+                    if result["overlay"]:
+                        _write_overlay_of(Path(overlay_dir), rows[result["input_index"]], result, config, method)
+                    # The views are drawn: keep only the scores.
+                    results.append({k: v for k, v in result.items() if k not in ("thumbnail", "attention_map")})
+    for result in sorted(results, key=lambda r: r["input_index"]):  # in the manifest's order, as before
+        row = rows[result["input_index"]]
+        if result["status"] != "ok":
+            error_type, _, reason = str(result["error"]).partition(": ")
+            report.skipped.append({"slide_id": result["slide_id"], "path": result["path"],
+                                   "label": int(row["label"]), "error": error_type, "reason": reason})
+            continue
+        report.predictions.append(_prediction(row, result, method, names))
+        _add_tile_records(report, result["slide_id"], json.loads(result["tile_records"]), names)
     report.elapsed_s = time.perf_counter() - started
     report.metrics = metrics_from_predictions(report.predictions, config.task)
     return report
 
 
-def _add_tile_records(report: EvaluationReport, slide_id: str, score: SlideScore, names: Sequence[str]) -> None:
-    for tile_index, tile in enumerate(score.tiles):
-        box = tile.level0_box
-        record = {"slide_id": slide_id, "tile_index": tile_index, "x0": box.x0, "y0": box.y0,
-                  "width": box.width, "height": box.height, "attention_weight": tile.attention_weight,
-                  "predicted_class": tile.predicted_class}
-        record |= {f"prob_{name}": float(p) for name, p in zip(names, tile.class_probabilities, strict=True)}
-        report.tiles.append(record)
-        for glimpse_index, (x, y) in enumerate(tile.glimpse_trail_level0):
+def _prediction(row: dict[str, Any], result: dict[str, Any], method: str, names: Sequence[str]) -> dict[str, Any]:
+    """A scored slide's predictions row from its agent-stage row (``jobs.score_cohort.AgentStage``)."""
+    score_s = result["propose_s"] + result["read_s"] + result["agent_s"]
+    prediction = {
+        "slide_id": result["slide_id"], "path": result["path"], "label": int(row["label"]), "fold": int(row["fold"]),
+        "method": method, "predicted_class": result["predicted_class"],
+        "predicted_label": result["predicted_label"], "confidence": result["confidence"],
+        "correct": bool(result["predicted_class"] == int(row["label"])), "n_tiles": result["n_tiles"],
+        "level0_pixels_read": int(result["level0_pixels_read"]),
+        "fraction_level0_read": result["fraction_level0_read"],
+        "width_level0_px": result["width_level0_px"], "height_level0_px": result["height_level0_px"],
+        "wall_time_s": result["thumbnail_s"] + score_s, "thumbnail_s": result["thumbnail_s"], "score_s": score_s,
+    }
+    prediction |= {f"prob_{name}": float(result[f"prob_{name}"]) for name in names}
+    return prediction
+
+
+def _add_tile_records(report: EvaluationReport, slide_id: str, tile_records: Sequence[dict[str, Any]],
+                      names: Sequence[str]) -> None:
+    for record in tile_records:
+        tile_index = record["tile_index"]
+        tile = {"slide_id": slide_id, "tile_index": tile_index, "x0": record["x0"], "y0": record["y0"],
+                "width": record["width"], "height": record["height"],
+                "attention_weight": record["attention_weight"], "predicted_class": record["predicted_class"]}
+        tile |= {f"prob_{name}": float(record[f"prob_{name}"]) for name in names}
+        report.tiles.append(tile)
+        trail = zip(record["glimpse_x_level0_px"], record["glimpse_y_level0_px"], strict=True)
+        for glimpse_index, (x, y) in enumerate(trail):
             report.glimpses.append({"slide_id": slide_id, "tile_index": tile_index, "glimpse_index": glimpse_index,
                                     "x_level0_px": float(x), "y_level0_px": float(y)})
 
 
-def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs: SlideInput, score: SlideScore,
-                   config: DualAttentionConfig, method: str) -> None:
+def _write_overlay_of(overlay_dir: Path, row: dict[str, Any], result: dict[str, Any], config: DualAttentionConfig,
+                      method: str) -> None:
+    """The overlay PNG of a scored slide whose row carried its views back (``overlay`` set)."""
     from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
+    from jobs.score_cohort import overlay_views
 
-    with open_slide(row["path"]) as slide:  # each tile at inset size, from the pyramid level that fits
-        previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
+    views = overlay_views(result)
+    if views is None or result["status"] != "ok":
+        return
+    thumbnail, attention_map = views
     names = config.class_names
+    tiles = [TileScore(level0_box=Level0Box(r["x0"], r["y0"], r["width"], r["height"]),
+                       attention_weight=r["attention_weight"], predicted_class=r["predicted_class"],
+                       class_probabilities=[r[f"prob_{name}"] for name in names],
+                       glimpse_trail_level0=list(zip(r["glimpse_x_level0_px"], r["glimpse_y_level0_px"], strict=True)))
+             for r in json.loads(result["tile_records"])]
+    score = SlideScore(predicted_class=result["predicted_class"], predicted_label=result["predicted_label"],
+                       class_probabilities=[result[f"prob_{name}"] for name in names],
+                       confidence=result["confidence"], tiles=tiles, attention_map=attention_map,
+                       level0_pixels_read=int(result["level0_pixels_read"]),
+                       fraction_level0_read=result["fraction_level0_read"])
+    slide_id = str(result["slide_id"])
     title = (f"{slide_id} ({method}): true {names[int(row['label'])]}, predicted {score.predicted_label} "
              f"({score.confidence:.2f}), {100 * score.fraction_level0_read:.2f}% of level 0 read")
-    save_slide_score_overlay(overlay_dir / f"{slide_id}.png", inputs.thumbnail, score,
+    with open_slide(row["path"]) as slide:  # each tile at inset size, from the pyramid level that fits
+        previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
+    save_slide_score_overlay(overlay_dir / f"{slide_id}.png", thumbnail, score,
                              config.slide.thumbnail_downsample, title=title, class_names=names, tile_images=previews,
                              glimpse_level0_px=config.agent.glimpse_px)
 
@@ -317,15 +327,12 @@ def evaluate_manifest(
     n_overlays: int = 4,
     method: str | None = None,
     tracking_uri: str | None = None,
-    pool: Any = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
     """Load the model (``model_ref``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a checkpoint path;
-    or pass ``model`` and ``config``), score the manifest's slides through a ``TilePool`` and write the
-    outputs into ``out_dir``. Uses ``pool`` when given, else starts Ray (if needed) and its own pool."""
-    from jobs.tile_plane import TilePool
-
+    or pass ``model`` and ``config``), score the manifest's slides through the cohort pipeline
+    (``evaluate_rows``) and write the outputs into ``out_dir``."""
     if model is None:
         from jobs.tracking import load_registered_model
 
@@ -336,16 +343,9 @@ def evaluate_manifest(
         raise ValueError("evaluate_manifest: a model passed directly needs its config")
     rows = select_rows(manifest_path, folds, task=config.task)
     out_dir = Path(out_dir)
-    with RaySession(log_to_driver=False):
-        own_pool = pool is None
-        pool = pool or TilePool(num_actors=num_readers)
-        try:
-            report = evaluate_rows(model, config, rows, pool.read_tiles_fn, pool.pixels_read_level0,
-                                   sampler=sampler, seed=seed, method=method, overlay_dir=out_dir / "overlays",
-                                   n_overlays=n_overlays, cache_dir=cache_dir, progress=progress)
-        finally:
-            if own_pool:
-                pool.shutdown()
+    report = evaluate_rows(model, config, rows, sampler=sampler, seed=seed, method=method,
+                           overlay_dir=out_dir / "overlays", n_overlays=n_overlays, num_readers=num_readers,
+                           cache_dir=cache_dir, progress=progress)
     report.write(out_dir)
     return report
 
@@ -373,7 +373,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=("attention", "random"), default="attention",
                         help="tile sampler: the SAM's (default) or the random Gumbel baseline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-readers", type=int, default=2, help="tile-reader actors")
+    parser.add_argument("--num-readers", type=int, default=2, help="tile-read tasks at once")
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N slides")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
     parser.add_argument("--cache-dir", default=None,

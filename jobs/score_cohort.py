@@ -14,7 +14,9 @@ suffix). The stages, each a Ray Data operator:
 3. ``AgentStage`` (actor pool of ``--concurrency`` actors, a GPU each when the cluster has them): the
    hard-attention agent over the tiles (``pipeline.score_tiles``) and the slide score (``pipeline.aggregate``).
 
-The stages are the ones ``pipeline.score_slide`` composes, with the same per-slide seed
+On a cluster without GPUs the three run fused (``--stages``, default auto): each of ``--propose-actors +
+--concurrency`` CPU actors scores whole slides (``SlideStage``), which measured cheaper on CPUs than handing
+tiles between processes (``benchmarks/RESULTS.md``, "Cohort job"). The stages are the ones ``pipeline.score_slide`` composes, with the same per-slide seed
 (``pipeline.slide_seed``), so a slide scores here exactly as in process. Written into ``--out``, one part per
 batch the driver receives (so a stopped job keeps what it finished):
 
@@ -71,6 +73,7 @@ from dual_attention.slides import Level0Box, open_slide
 # Suffixes of the single-file slide formats OpenSlide reads (folder input); other files are ignored.
 SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".svslide", ".bif")
 SLIDES_DIR, TILES_DIR, GEOJSON_DIR = "slides", "tiles", "geojson"
+STAGE_PLANS = ("auto", "split", "fused")  # see scored_batches
 NO_LABEL = -1  # Ray Data blocks need one type per column: an unlabelled slide carries -1, written as null
 
 
@@ -205,7 +208,8 @@ class StageSettings:
 
 
 class ProposeStage:
-    """Stage 1 (CPU actor): slide row -> thumbnail, tissue mask -> proposed level-0 boxes."""
+    """Stage 1 (CPU actor): slide row -> thumbnail, tissue mask -> proposed level-0 boxes. A row with a true
+    ``overlay`` also carries its thumbnail and attention map on (``overlay_views``), for the driver to draw."""
 
     def __init__(self, model: Any, settings: StageSettings) -> None:
         self.model = model.eval()
@@ -220,6 +224,8 @@ class ProposeStage:
                "regions": "[]",
                "width_level0_px": 0, "height_level0_px": 0, "thumbnail_s": float("nan"),
                "propose_s": float("nan"), "read_s": float("nan"), "tiles": b"", "n_tiles": 0}
+        if "overlay" in row:  # one type per column: every row of an overlay-flagged input has both
+            out |= {"thumbnail": b"", "attention_map": b"", "thumbnail_h": 0, "thumbnail_w": 0}
         try:
             inputs = load_slide_input(row["path"], config.slide.thumbnail_downsample,
                                       config.slide.tissue_min_area_thumb_px, settings.cache_dir)
@@ -232,12 +238,26 @@ class ProposeStage:
                     "attention": json.dumps([float(w) for w in proposal.attention_weights]),
                     "width_level0_px": inputs.level0_dims[0], "height_level0_px": inputs.level0_dims[1],
                     "thumbnail_s": inputs.thumbnail_s, "propose_s": time.perf_counter() - started}
+            if row.get("overlay"):
+                out |= {"thumbnail": inputs.thumbnail.astype(np.uint8).tobytes(),
+                        "attention_map": proposal.attention_map.astype(np.float64).tobytes(),
+                        "thumbnail_h": inputs.thumbnail.shape[0], "thumbnail_w": inputs.thumbnail.shape[1]}
             if settings.geojson:  # the attention map stays here: only its outlines travel on
                 out["regions"] = json.dumps(region_features(
                     inputs.tissue_mask, proposal.attention_map, config.slide.thumbnail_downsample, inputs.level0_dims))
         except Exception as error:  # noqa: BLE001 - a bad slide becomes an error row, never a failed job
             out |= _error_fields(error)
         return out
+
+
+def overlay_views(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(thumbnail (h, w, 3) uint8, attention map (h, w) float64) of a row scored with ``overlay`` set, else
+    None."""
+    if not row.get("overlay") or not row.get("attention_map"):
+        return None
+    attention = np.frombuffer(row["attention_map"], dtype=np.float64)
+    height, width = row["thumbnail_h"], row["thumbnail_w"]
+    return np.frombuffer(row["thumbnail"], dtype=np.uint8).reshape(height, width, 3), attention.reshape(height, width)
 
 
 def _boxes(row: dict[str, Any]) -> list[Level0Box]:
@@ -318,6 +338,21 @@ class AgentStage:
         return out
 
 
+class SlideStage:
+    """The three stages in one CPU actor (``--stages fused``, the default on a cluster without GPUs): a slide's
+    tiles never leave the process that read them, and no read-task workers start. Measured on 2 cores
+    (``benchmarks/bench_cohort_job.py``): the split pipeline's cost was the start of its actors and read-task
+    workers and the tiles' hand-over through the object store, not the scoring."""
+
+    def __init__(self, model: Any, settings: StageSettings, model_name: str | None, model_version: str | None
+                 ) -> None:
+        self.propose = ProposeStage(model, settings)
+        self.agent = AgentStage(model, settings, model_name, model_version)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self.agent(read_tiles_stage(self.propose(row)))
+
+
 def result_tables(rows: Sequence[dict[str, Any]], class_names: Sequence[str], run: int
                   ) -> tuple[pa.Table, pa.Table]:
     """Agent-stage rows -> (slides table, tiles table) with the fixed schemas; sentinels become nulls."""
@@ -360,6 +395,17 @@ class CohortReport:
     def slides_per_hour(self) -> float:
         return 3600.0 * (self.scored + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def count(self, slide_rows: Sequence[dict[str, Any]], elapsed_s: float) -> None:
+        """Count a batch of finished slides (rows with ``status`` and ``error``) into the totals."""
+        for row in slide_rows:
+            if row["status"] == "ok":
+                self.scored += 1
+            else:
+                self.failed += 1
+                if self.failures is not None:
+                    self.failures.append((row["slide_id"], row["error"]))
+        self.elapsed_s = elapsed_s
+
     def progress_line(self) -> str:
         todo = self.total - self.skipped
         return (f"{self.scored + self.failed}/{todo} slides: {self.scored} scored, {self.failed} failed, "
@@ -377,11 +423,15 @@ def _check_same_job(existing: list[dict[str, Any]], model_name: str | None, mode
                              f"{wanted}: use another --out")
 
 
-def _agent_resources(concurrency: int) -> dict[str, float]:
-    """A GPU share per agent actor when the cluster has GPUs (at most one each), else one CPU."""
+def _cluster_gpus() -> float:
     import ray
 
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _agent_resources(concurrency: int) -> dict[str, float]:
+    """A GPU share per agent actor when the cluster has GPUs (at most one each), else one CPU."""
+    gpus = _cluster_gpus()
     if gpus >= 1:
         return {"num_gpus": min(1.0, gpus / concurrency)}
     return {"num_cpus": 1}
@@ -390,7 +440,8 @@ def _agent_resources(concurrency: int) -> dict[str, float]:
 def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[str, Any]], out_dir: str | Path, *,
                  model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                  seed: int = 0, concurrency: int = 1, propose_actors: int = 1, retry_errors: bool = False,
-                 cache_dir: str | None = None, progress: bool = True, geojson: bool = True) -> CohortReport:
+                 cache_dir: str | None = None, progress: bool = True, geojson: bool = True, stages: str = "auto",
+                 slides_per_block: int | None = None) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
     starts one by the jobs' one rule (``jobs.ray_runtime``), and only when there is something to score."""
@@ -400,6 +451,10 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
     if concurrency < 1 or propose_actors < 1:
         raise ValueError(f"--concurrency and --propose-actors must be >= 1, got {concurrency}, {propose_actors}")
+    if slides_per_block is not None and slides_per_block < 1:
+        raise ValueError(f"--slides-per-block must be >= 1, got {slides_per_block}")
+    if stages not in STAGE_PLANS:
+        raise ValueError(f"unknown --stages {stages!r}; expected one of {STAGE_PLANS}")
     out_dir = Path(out_dir)
     _remove_orphan_tile_parts(out_dir)
     existing = read_scores(out_dir)
@@ -412,34 +467,22 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     with RaySession(log_to_driver=False):
         _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
                       sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                      cache_dir=cache_dir, progress=progress, geojson=geojson)
+                      cache_dir=cache_dir, progress=progress, geojson=geojson, stages=stages,
+                      slides_per_block=slides_per_block)
     return report
 
 
 def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
                   report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
                   seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool,
-                  geojson: bool) -> None:
-    import ray
-
+                  geojson: bool, stages: str = "auto", slides_per_block: int | None = None) -> None:
     run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
-    settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir, geojson=geojson)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
-
-    # One block per slide, so that the stages work on different slides at once.
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
-                compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
-    # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
-    # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which would
-    # hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
-    ds = ds.map(read_tiles_stage, num_cpus=0.5)
-    ds = ds.map(AgentStage, fn_constructor_kwargs={"model": model, "settings": settings, "model_name": model_name,
-                                                   "model_version": model_version},
-                compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
+    batches = scored_batches(model, config, todo, model_name=model_name, model_version=model_version,
+                             sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
+                             cache_dir=cache_dir, progress_bars=progress, stages=stages,
+                             slides_per_block=slides_per_block, geojson=geojson)
     started = time.perf_counter()
-    for batch_index, batch in enumerate(_batches(ds)):
+    for batch_index, batch in enumerate(batches):
         slides, tiles = result_tables(batch, config.class_names, run)
         name = f"part-{run:03d}-{batch_index:05d}.parquet"
         for row in batch:  # before the slide rows: a slide with a row has its GeoJSON
@@ -447,14 +490,57 @@ def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, 
                 _write_text(row["geojson"], geojson_path(out_dir, row["slide_id"]))
         _write_part(tiles, out_dir / TILES_DIR / name)  # tiles first: see _remove_orphan_tile_parts
         _write_part(slides, out_dir / SLIDES_DIR / name)
-        for row in slides.to_pylist():
-            if row["status"] == "ok":
-                report.scored += 1
-            else:
-                report.failed += 1
-                report.failures.append((row["slide_id"], row["error"]))
-        report.elapsed_s = time.perf_counter() - started
+        report.count(slides.to_pylist(), time.perf_counter() - started)
         print(report.progress_line(), flush=True)
+
+
+def default_slides_per_block(n_slides: int, actors: int) -> int:
+    """Slides per Ray Data block: up to 8 (each block is a task and a part written; on 2048² slides the
+    per-block cost was about half a slide's, measured), but at least 4 blocks per actor so that the actors
+    share the work evenly and a stopped job loses little."""
+    return max(1, min(8, n_slides // (4 * actors)))
+
+
+def scored_batches(model: Any, config: DualAttentionConfig, todo: Sequence[dict[str, Any]], *,
+                   model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
+                   seed: int = 0, concurrency: int = 1, propose_actors: int = 1, read_tasks: int | None = None,
+                   cache_dir: str | None = None, progress_bars: bool = False, stages: str = "auto",
+                   slides_per_block: int | None = None, geojson: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """The scoring pipeline (the one loop that scores slides for the cohort job, evaluation and the
+    random-sampling baseline): ``todo`` rows (``slide_id``, ``path``, ``label``; other keys of one type per
+    column pass through, e.g. an ``overlay`` flag, see ``ProposeStage``) -> agent-stage rows, a batch at a time
+    as slides finish, in no particular order. Needs Ray initialised.
+
+    ``stages``: "split" runs propose actors (``propose_actors``), tile-read tasks (at most ``read_tasks`` at
+    once; None: as many as the CPUs allow) and agent actors (``concurrency``, a GPU each where there are GPUs)
+    as three operators; "fused" runs all three in each of ``propose_actors + concurrency`` CPU actors
+    (``SlideStage``); "auto": split when the cluster has GPUs, else fused. ``slides_per_block`` (None:
+    ``default_slides_per_block``) slides travel together through the operators; ``geojson``: each row carries
+    its GeoJSON annotations (``StageSettings.geojson``)."""
+    import ray
+
+    settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir, geojson=geojson)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars
+    agent_kwargs = {"model": model, "settings": settings, "model_name": model_name, "model_version": model_version}
+
+    fused = stages == "fused" or (stages == "auto" and _cluster_gpus() < 1)
+    actors = propose_actors + concurrency if fused else propose_actors
+    per_block = slides_per_block or default_slides_per_block(len(todo), actors)
+    ds = ray.data.from_items(list(todo), override_num_blocks=-(-len(todo) // per_block))
+    if fused:
+        ds = ds.map(SlideStage, fn_constructor_kwargs=agent_kwargs,
+                    compute=ray.data.ActorPoolStrategy(size=propose_actors + concurrency), num_cpus=1)
+    else:
+        ds = ds.map(ProposeStage, fn_constructor_kwargs={"model": model, "settings": settings},
+                    compute=ray.data.ActorPoolStrategy(size=propose_actors), num_cpus=1)
+        # Half a CPU per read task, as the tile plane's readers (they mostly wait on the file); the resources
+        # differing from the agent's also keep Ray Data from fusing the reads into the agent actors, which
+        # would hold a GPU (or an actor's model copy) idle while a slide's tiles are read.
+        ds = ds.map(read_tiles_stage, num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=read_tasks))
+        ds = ds.map(AgentStage, fn_constructor_kwargs=agent_kwargs,
+                    compute=ray.data.ActorPoolStrategy(size=concurrency), **_agent_resources(concurrency))
+    yield from _batches(ds)
 
 
 def _batches(ds: Any) -> Iterator[list[dict[str, Any]]]:
@@ -480,6 +566,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1, help="agent actors (a GPU each when there are GPUs)")
     parser.add_argument("--propose-actors", type=int, default=1,
                         help="CPU actors for thumbnails, tissue masks, soft attention and sampling")
+    parser.add_argument("--stages", choices=STAGE_PLANS, default="auto",
+                        help="split: propose actors, read tasks, agent actors; fused: all three in each of "
+                             "propose-actors + concurrency CPU actors; auto (default): split where there are GPUs")
+    parser.add_argument("--slides-per-block", type=int, default=None,
+                        help="slides per Ray Data block (default: up to 8, at least 4 blocks per actor)")
     parser.add_argument("--retry-errors", action="store_true", help="score slides that failed before again")
     parser.add_argument("--cache-dir", default=None, help="thumbnail/tissue-mask cache of jobs.preprocess")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
@@ -504,8 +595,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
                               sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
-                              propose_actors=args.propose_actors, retry_errors=args.retry_errors,
-                              cache_dir=args.cache_dir, progress=not args.quiet, geojson=not args.no_geojson)
+                              propose_actors=args.propose_actors, retry_errors=args.retry_errors, stages=args.stages,
+                              slides_per_block=args.slides_per_block, cache_dir=args.cache_dir,
+                              progress=not args.quiet, geojson=not args.no_geojson)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

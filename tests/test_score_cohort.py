@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -160,6 +162,89 @@ def test_the_agent_stage_on_a_gpu_scores_as_in_process_cpu_scoring(cohort: Path,
         expected, _, _ = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
         assert out["status"] == "ok" and out["predicted_class"] == expected.predicted_class
         assert [out[f"prob_{n}"] for n in config.class_names] == pytest.approx(expected.class_probabilities, abs=1e-4)
+
+
+def test_evaluation_and_the_random_baseline_score_through_the_cohort_pipeline(
+    ray_cluster: None, cohort: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One scoring path: evaluate's predictions (random sampler, as the random baseline runs it; stages fused,
+    the default without GPUs, a slide per block) are the cohort job's rows (stages split, two slides per block)
+    for the same model, sampler and seed; both show progress while they run."""
+    from jobs.evaluate import evaluate_rows, select_rows
+
+    model, config, _ = load_checkpoint(checkpoint)
+    out = tmp_path / "random-cohort"
+    assert main(["--model", str(checkpoint), "--manifest", str(cohort), "--out", str(out), "--seed", str(SEED),
+                 "--sampler", "random", "--stages", "split", "--slides-per-block", "2", "--quiet"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    # a progress line per block received (two slides each), counting up to every slide (3 scored, 1 failed)
+    done = [int(line.split("/")[0]) for line in lines]
+    assert done == sorted(done) and done[-1] == 4 and len(lines) >= 2
+    assert all("slides/h" in line for line in lines) and lines[-1].startswith("4/4 slides: 3 scored, 1 failed")
+    cohort_rows = {r["slide_id"]: r for r in read_scores(out)}
+    cohort_tiles = pq.read_table(out / "tiles").to_pylist()
+
+    rows = select_rows(cohort, task="her2")
+    report = evaluate_rows(model, config, rows, sampler="random", seed=SEED, progress=True)
+    assert "evaluate (random-sampling)" in capsys.readouterr().err  # the progress bar
+    assert [p["slide_id"] for p in report.predictions] == [r["slide_id"] for r in rows if r["slide_id"] != "broken"]
+    assert [(s["slide_id"], s["error"]) for s in report.skipped] == [("broken", "SlideError")]
+    assert report.skipped[0]["reason"] in cohort_rows["broken"]["error"]
+    for prediction in report.predictions:
+        expected = cohort_rows[prediction["slide_id"]]
+        assert expected["sampler"] == "random" and prediction["method"] == "random-sampling"
+        for key in ("predicted_class", "n_tiles", "level0_pixels_read", *(f"prob_{n}" for n in config.class_names)):
+            assert prediction[key] == pytest.approx(expected[key], abs=1e-6), key
+    tiles = [(t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in report.tiles]
+    assert sorted(tiles) == sorted((t["slide_id"], t["x0"], t["y0"], t["predicted_class"]) for t in cohort_tiles)
+
+
+def test_a_job_killed_between_a_parts_tiles_and_slides_resumes_with_every_slide_once(
+    cohort: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a SIGKILL leaves (a finished part, then a part whose tiles were written but not its slides) is
+    resumed exactly: the orphan tiles go, the finished slide is skipped, the others are scored once. The
+    pipeline is replaced by the stages run in this process (no Ray), which is all the resume logic sees."""
+    import jobs.score_cohort as score_cohort_module
+
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED)
+    propose, agent = ProposeStage(model, settings), AgentStage(model, settings, "ckpt", None)
+
+    def in_process(_model: object, _config: object, todo: list[dict], **_: object) -> Iterator[list[dict]]:
+        for row in todo:  # scored_batches' stand-in
+            yield [agent(read_tiles_stage(propose(row)))]
+
+    monkeypatch.setattr(score_cohort_module, "scored_batches", in_process)
+    monkeypatch.setattr("jobs.ray_runtime.RaySession", lambda **_: contextlib.nullcontext())
+    rows = [r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken"]
+    out = tmp_path / "killed"
+    score_cohort_module._run_pipeline(model, config, rows[:1], out, score_cohort_module.CohortReport(out, 1, 0),
+                                      model_name="ckpt", model_version=None, sampler="attention", seed=SEED,
+                                      concurrency=1, propose_actors=1, cache_dir=None, progress=False,
+                                      geojson=False)
+    finished = next((out / "tiles").glob("*.parquet"))
+    orphan = out / "tiles" / "part-001-00001.parquet"  # the killed part: its tiles made it, its slides did not
+    shutil.copyfile(finished, orphan)
+
+    report = score_cohort_module.score_cohort(model, config, rows, out, model_name="ckpt", seed=SEED)
+    assert report.skipped == 1 and report.scored == len(rows) - 1 and not orphan.exists()
+    written = [r["slide_id"] for p in sorted((out / "slides").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(written) == sorted(r["slide_id"] for r in rows)  # each slide exactly once
+    tiles = pq.read_table(out / "tiles").to_pylist()
+    assert len({(t["slide_id"], t["tile_index"]) for t in tiles}) == len(tiles) == sum(
+        r["n_tiles"] for r in read_scores(out))
+
+
+def test_slides_per_block_keeps_every_actor_busy_and_blocks_small() -> None:
+    from jobs.score_cohort import default_slides_per_block
+
+    for n_slides in (1, 3, 7, 20, 200, 5000):
+        for actors in (1, 2, 5):
+            per_block = default_slides_per_block(n_slides, actors)
+            assert 1 <= per_block <= 8
+            n_blocks = -(-n_slides // per_block)
+            assert n_blocks >= min(n_slides, 4 * actors)  # at least 4 blocks per actor where there are slides
 
 
 def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path) -> None:
