@@ -242,3 +242,27 @@ def test_ink_and_dark_pixels_are_those_of_the_whole_image_hsv() -> None:
     expected = _ink_or_dark_whole_image(rgb)
     assert expected.any() and not expected.all()
     np.testing.assert_array_equal(_ink_or_dark(rgb), expected)
+
+
+@pytest.mark.parametrize("band_px", [1 << 19, 5000, 37])
+def test_tissue_mask_in_bands_equals_the_whole_image_mask(shared_slides: Path, band_px: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """tissue_mask's bands of rows (bounded memory) give the mask of the whole image at once, pixel for pixel:
+    real slides at several downsamples, noise with ink colours, a flat and a two-level image."""
+    from dual_attention import slides as slides_module
+    from dual_attention.slides import _tissue_mask_whole_image
+
+    images = []
+    for name in ("aperio/CMU-1-Small-Region.svs", "aperio/small.svs"):
+        with open_slide(shared_slides / name) as slide:
+            images += [slide.thumbnail(downsample) for downsample in (4, 16, 32)]
+    rng = np.random.default_rng(3)
+    images += [(rng.random((300 + 50 * k, 400, 3)) * 255).astype(np.uint8) for k in range(3)]
+    flat = np.full((100, 100, 3), 240, np.uint8)
+    two_levels = flat.copy()
+    two_levels[30:60, 30:60] = 120
+    images += [flat, two_levels]
+    monkeypatch.setattr(slides_module, "_MASK_BAND_PX", band_px)
+    for image in images:
+        np.testing.assert_array_equal(tissue_mask(image), _tissue_mask_whole_image(image))
+    assert any(tissue_mask(image).any() for image in images)
