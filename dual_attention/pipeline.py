@@ -144,7 +144,13 @@ def attention_map_of(model: DualAttentionModel, thumbnail: np.ndarray, tissue_ma
     device = model_device(model)
     mask = None if tissue_mask is None else torch.as_tensor(np.asarray(tissue_mask, dtype=bool), device=device)[None]
     tiled = tile_px if not torch.is_grad_enabled() else None
-    return model.soft_attention(images_to_tensor(thumbnail).to(device), mask, tile_px=tiled)[0]
+    # Tiled: the uint8 pixels go in as they are and each tile is converted on its own (bounded memory).
+    if tiled:
+        writable = thumbnail if thumbnail.flags.writeable else thumbnail.copy()  # torch wraps writable memory only
+        pixels = torch.as_tensor(writable, device=device)[None]
+    else:
+        pixels = images_to_tensor(thumbnail).to(device)
+    return model.soft_attention(pixels, mask, tile_px=tiled)[0]
 
 
 def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:

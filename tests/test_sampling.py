@@ -202,3 +202,48 @@ def test_attention_draw_follows_the_attention_and_keeps_tiles_apart() -> None:
         hits += int((centers < 10).all(axis=1).sum())
     assert hits / (3 * draws) > 0.8  # most draws land where the mass is
     assert hits / (3 * draws) < 1.0  # but the draw still explores
+
+
+def _sample_locations_before_the_bands(attention_map, tissue_mask, sampler, mask_kind, rng):
+    """``sample_locations`` as it was before its noise and ranking went by bands of rows (map-sized arrays):
+    the reference the banded version must reproduce."""
+    from dual_attention.sampling import attention_region, greedy_spread, normalise_attention
+
+    tissue = tissue_mask.astype(bool)
+    floor = float(attention_map[tissue].min()) if tissue.any() else 0.0
+    peak = float(attention_map[tissue].max()) if tissue.any() else 0.0
+    if not peak > floor * (1.0 + sampler.min_contrast):
+        normalised = np.ones(attention_map.shape, dtype=np.float64)
+    else:
+        normalised = normalise_attention(np.where(tissue, attention_map, floor))
+    region = attention_region(normalised, tissue_mask, mask_kind, seed=int(rng.integers(0, 2**31 - 1)))
+    noise = rng.uniform(sampler.noise_low, sampler.noise_high, size=normalised.shape)
+    flat = np.where(region, noise + normalised, -np.inf).ravel()
+    n_candidates = min(sampler.n_candidates, int(region.sum()))
+    top = np.argpartition(-flat, n_candidates - 1)[:n_candidates]
+    top = top[np.argsort(-flat[top], kind="stable")]
+    candidates = np.stack(np.unravel_index(top, normalised.shape), axis=1)
+    kept = greedy_spread(candidates, sampler.min_distance_thumb_px, sampler.n_tiles)
+    return candidates[kept], flat[top[kept]]
+
+
+@pytest.mark.parametrize("band_px", [1 << 18, 999, 1])
+@pytest.mark.parametrize("kind", ["positive", "tumour"])
+def test_banded_sampler_equals_the_map_sized_one(band_px: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dual_attention import sampling
+
+    monkeypatch.setattr(sampling, "_BAND_PX", band_px)
+    for seed, (h, w) in enumerate([(40, 60), (97, 131), (300, 200)]):
+        rng = np.random.default_rng(seed)
+        attention = rng.random((h, w)) ** 4
+        tissue = np.zeros((h, w), dtype=bool)
+        tissue[h // 5:h - 3, 2:w // 2 + 7] = True
+        for noise_low, noise_high in ((0.0, 1.0), (-2.0, 1.0), (0.0, 1e-3)):
+            config = SamplerConfig(n_tiles=5, n_candidates=10, min_distance_thumb_px=4.0,
+                                   noise_low=noise_low, noise_high=noise_high)
+            got = sample_locations(attention, tissue, config, kind, np.random.default_rng(seed + 100))
+            want = _sample_locations_before_the_bands(attention, tissue, config, kind,
+                                                      np.random.default_rng(seed + 100))
+            np.testing.assert_array_equal(got.centers_thumb_rc, want[0])
+            np.testing.assert_array_equal(got.scores, want[1])
+            assert len(got.centers_thumb_rc) == 5
