@@ -455,6 +455,18 @@ def _trail_in_tile(tile: Any) -> list[tuple[float, float]]:
             for x, y in tile.glimpse_trail_level0]
 
 
+def primary_validation_key(task: str) -> str:
+    """The key of the task's primary metric among an epoch's ``val_*`` figures (folds, the best-fold alias
+    and Tune's default ranking use it)."""
+    return f"val_{metrics.primary_metric(task)}"
+
+
+def validation_metrics(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics.slide_metrics`` of ``prediction_row`` rows."""
+    return metrics.slide_metrics(task, [r["label"] for r in rows], [r["predicted"] for r in rows],
+                                 [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+
+
 def epoch_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """What the attention and the glimpses did on the validation slides: mean normalised attention
     entropy, attention on tumour ÷ tumour share, tumour fraction of the sampled tiles, and the spread of
@@ -479,29 +491,6 @@ def attention_has_not_moved(diagnostics: dict[str, float]) -> str | None:
         return (f"the attention is not on tumour (mass on tumour ÷ tumour share {ratio:.2f} <= "
                 f"{MOVED_TUMOUR_RATIO})")
     return None
-
-
-def validation_metrics(task: str, labels: Sequence[int], predicted: Sequence[int],
-                       probabilities: Sequence[Sequence[float]], confidence: Sequence[float]) -> dict[str, float]:
-    """Slide-level metrics from ``dual_attention.metrics``: accuracy, macro F1, AUROC (when both sides of
-    every class are present) and, for HER2, contest agreement points, combined points, weighted confidence."""
-    out: dict[str, float] = {"n_slides": float(len(labels))}
-    if not labels:
-        return out
-    truth = np.asarray(labels, dtype=np.int64)
-    pred = np.asarray(predicted, dtype=np.int64)
-    out["accuracy"] = float((truth == pred).mean())
-    out["f1_macro"] = metrics.f1(truth, pred)
-    try:
-        out["auroc"] = metrics.auroc(truth, np.asarray(probabilities, dtype=np.float64))
-    except ValueError:  # a single class among the validation slides: AUROC is undefined
-        out["auroc"] = float("nan")
-    if task == "her2":
-        out["her2_points"] = float(metrics.her2_agreement_points(truth, pred))
-        out["her2_points_fraction"] = out["her2_points"] / (15.0 * len(truth))
-        out["combined_points"] = metrics.combined_points(truth, pred, confidence)
-        out["weighted_confidence"] = metrics.weighted_confidence(truth, pred, confidence)
-    return out
 
 
 # -- the whole loop, in one process ------------------------------------------------------------------------------
@@ -554,8 +543,7 @@ def fit(model: DualAttentionModel, config: DualAttentionConfig, train_examples: 
         warning = None
         if val_examples and ((epoch + 1) % validate_every == 0 or epoch == config.train.epochs - 1):
             rows = [prediction_row(v, config) for v in validate(model, config, val_examples, seed_of, bad_slides)]
-            val = validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                                     [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+            val = validation_metrics(config.task, rows)
             val |= epoch_diagnostics(rows)
             if epoch == config.train.attention_check_epoch:
                 warning = attention_has_not_moved(val)

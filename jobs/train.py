@@ -96,10 +96,6 @@ class _Timer:
         return timed
 
 
-def _primary_metric(task: str) -> str:
-    return "val_her2_points_fraction" if task == "her2" else "val_auroc"
-
-
 def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
     """Load weights (+ optimiser/scheduler when saved) from a checkpoint folder; returns its epoch."""
     import torch
@@ -227,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = _epoch_metrics(config, epoch, gathered, optimizer)
             if rank == 0:
                 # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
-                sys.stdout.write(_epoch_line(metrics, config.train.epochs, _primary_metric(config.task)) + "\n")
+                sys.stdout.write(_epoch_line(metrics, config.train.epochs, training.primary_validation_key(config.task)) + "\n")
                 if metrics.get("attention_warning"):
                     sys.stdout.write(f"[train] WARNING at epoch {epoch + 1}: {metrics['attention_warning']}; "
                                      "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
@@ -295,8 +291,7 @@ def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[d
     from dual_attention import training
 
     rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
-    val = training.validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                                      [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+    val = training.validation_metrics(config.task, rows)
     val |= training.epoch_diagnostics(rows)
     terms = training.mean_terms([g["terms"] for g in gathered if g["terms"]])
     worker_train_s = [g["train_seconds"] for g in gathered]
@@ -319,7 +314,7 @@ def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[d
         "slides_skipped_in_training": float(len(bad_slides)),
         "bad_slides": json.dumps(bad_slides, sort_keys=True),
     }
-    metrics["val_primary"] = metrics.get(_primary_metric(config.task), float("nan"))
+    metrics["val_primary"] = metrics.get(training.primary_validation_key(config.task), float("nan"))
     if epoch == config.train.attention_check_epoch:
         warning = training.attention_has_not_moved(val)
         metrics["attention_warning"] = warning or ""  # printed by rank 0
@@ -367,6 +362,8 @@ def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a figure that is undefined (AUROC on one class) or missing
+        return "n/a"
     if isinstance(value, float):
         return "nan" if not math.isfinite(value) else f"{value:.4g}"
     return str(value)
@@ -878,7 +875,9 @@ def _alias_best_fold(config: DualAttentionConfig, outcomes: list[FoldOutcome], n
     """With cross-validation, point ``alias`` at the fold model with the best validation metric."""
     from mlflow import MlflowClient
 
-    primary = _primary_metric(config.task)
+    from dual_attention.training import primary_validation_key
+
+    primary = primary_validation_key(config.task)
     candidates = [o for o in outcomes if o.registered]
     if not candidates:
         return
@@ -899,8 +898,7 @@ def _combined_metrics(config: DualAttentionConfig, outcomes: list[FoldOutcome]) 
         return {}
     from dual_attention.training import validation_metrics
 
-    return validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                              [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+    return validation_metrics(config.task, rows)
 
 
 def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:
@@ -910,7 +908,9 @@ def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:
 
 
 def summary_table(config: DualAttentionConfig, outcomes: list[FoldOutcome], combined: dict[str, float]) -> str:
-    primary = _primary_metric(config.task)
+    from dual_attention.training import primary_validation_key
+
+    primary = primary_validation_key(config.task)
     columns = ["train_l_j", "val_accuracy", "val_f1_macro", "val_auroc", primary, "train_tile_wait_fraction",
                "epoch_seconds"]
     columns = list(dict.fromkeys(columns))

@@ -11,8 +11,8 @@ How it runs (Ray 2.60, Train V2):
   ``TorchTrainer`` for the trial's config; Tune's ``TuneReportCallback`` in the trainer's ``RunConfig``
   forwards every epoch's ``ray.train.report`` to Tune.
 - ASHA (``AsyncHyperBandScheduler``) stops trials that trail at a rung, on the validation metric:
-  ``val_her2_points_fraction`` (HER2 contest agreement points / 15 per slide) or ``val_f1_macro`` for MMR,
-  unless ``--metric`` says otherwise; time axis ``epochs_done``.
+  the task's primary validation metric (``dual_attention.metrics.primary_metric``: HER2 contest agreement
+  points per case, of 15, or macro F1 for MMR), unless ``--metric`` says otherwise; time axis ``epochs_done``.
 - Random search (seeded) or Optuna's TPE (``--searcher optuna``); the first trial is the centre.
 - ``max_concurrent_trials`` = the trials that fit the cluster's CPUs (and GPUs): each trial needs its
   Train workers, their tile-reader actors and its own small actor (``ray.cluster_resources()``).
@@ -58,7 +58,6 @@ from tune.space import DEFAULT_SPACE_PATH, NOISE_WIDTH, SearchSpace, SearchSpace
 SETTINGS_FILE = "search.json"
 SPACE_FILE = "space.yaml"
 RESULTS_DIR = "results"
-DEFAULT_METRIC = {"her2": "val_her2_points_fraction", "mmr": "val_f1_macro"}
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's worker poll period (--train-poll-s)
 
 
@@ -74,7 +73,7 @@ class SearchSettings:
     name: str
     num_samples: int = 8
     searcher: str = "random"  # random | optuna
-    metric: str | None = None  # default: DEFAULT_METRIC[task]
+    metric: str | None = None  # default: primary_validation_key(task)
     mode: str = "max"
     grace_period: int = 1
     reduction_factor: int = 2
@@ -104,7 +103,9 @@ class SearchSettings:
         return space_from_dict(self.space, self.base(), source=f"search space {self.space_source}")
 
     def metric_name(self) -> str:
-        return self.metric or DEFAULT_METRIC[self.base_config["task"]]
+        from dual_attention.training import primary_validation_key  # torch: not at import (fast --help)
+
+        return self.metric or primary_validation_key(self.base_config["task"])
 
     def save(self) -> None:
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -354,8 +355,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--space", help=f"search space YAML (default {DEFAULT_SPACE_PATH.name})")
     parser.add_argument("--num-samples", type=int, default=8, help="trials")
     parser.add_argument("--searcher", choices=("random", "optuna"), default="random")
-    parser.add_argument("--metric", help="validation metric to optimise (default val_her2_points_fraction for "
-                                         "HER2, val_f1_macro for MMR)")
+    parser.add_argument("--metric", help="validation metric to optimise (default: the task's primary one, "
+                                         "val_ + dual_attention.metrics.PRIMARY_METRIC, as training ranks folds)")
     parser.add_argument("--mode", choices=("max", "min"), default="max")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: 1/rf of trials go on at a rung")
