@@ -65,58 +65,10 @@ import numpy as np
 
 from dual_attention.config import DualAttentionConfig, preset
 
-TRAIN_STATE_FILE = "train_state.pt"  # optimiser + scheduler state beside model.pt in a checkpoint
-OVERLAY_DIR = "overlays"
-METRICS_FILE = "metrics.json"
+OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
 
 
-# -- worker side ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Timer:
-    """Seconds spent inside the wrapped ``ReadTiles`` and level-0 pixels read. Training reads run in
-    several threads at once (``training.training_step``), so this is read time, not time the step
-    waited: that is the step's ``tile_wait_s``."""
-
-    read_s: float = 0.0
-    level0_pixels: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def wrap(self, read_tiles: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
-        def timed(boxes: Any) -> np.ndarray:
-            start = time.perf_counter()
-            try:
-                return read_tiles(boxes)
-            finally:
-                with self._lock:
-                    self.read_s += time.perf_counter() - start
-                    self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
-
-        return timed
-
-
-def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Load weights (+ optimiser/scheduler when saved) from a checkpoint folder; returns its epoch."""
-    import torch
-
-    from dual_attention.checkpoint import CheckpointError, load_checkpoint
-
-    loaded, _, extra = load_checkpoint(directory)
-    model.load_state_dict(loaded.state_dict())
-    state_path = directory / TRAIN_STATE_FILE
-    if state_path.is_file():
-        # weights_only: a checkpoint folder may come from anywhere (--resume, Tune's storage); unpickling
-        # arbitrary objects from it would run code. Adam's and StepLR's state dicts are plain tensors,
-        # numbers, lists and dicts, which the restricted unpickler accepts.
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except Exception as error:  # torch raises several types for corrupt, foreign or poisoned files
-            raise CheckpointError(f"{state_path}: not a readable training state "
-                                  f"({type(error).__name__}: {error})") from error
-    return int(extra.get("epoch", -1))
+# -- worker side: the core loop (dual_attention.training.EpochLoop) under Ray Train ------------------------------
 
 
 def _quiet_ray_train_reports() -> None:
@@ -131,110 +83,101 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker: the core training loop (``dual_attention.training``) with DDP and reports."""
-    import ray
+    """The Ray Train worker: Ray Train's context, the model wrapped in DDP, the core ``EpochLoop`` over
+    this rank's share, the shares gathered, and one report per epoch (rank 0's with the checkpoint)."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     from dual_attention import training
     from dual_attention.models import DualAttentionModel
-    from dual_attention.pipeline import slide_seed
 
     _quiet_ray_train_reports()
     config = DualAttentionConfig.from_dict(loop_config["config"])
+    val_fold = loop_config["val_fold"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    seed = config.train.seed
-    torch.manual_seed(seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
     torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
 
     model = DualAttentionModel(config)
     optimizer, scheduler = training.build_optimizer(model, config)
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group, or a resumed run
-        with checkpoint.as_directory() as directory:
-            start_epoch = _load_train_state(Path(directory), model, optimizer, scheduler) + 1
-    elif loop_config.get("resume_checkpoint"):
-        start_epoch = _load_train_state(Path(loop_config["resume_checkpoint"]), model, optimizer, scheduler) + 1
+    start_epoch = _restore(model, optimizer, scheduler, loop_config.get("resume_checkpoint"))
     # Separate mode trains half the network per phase; the other half's parameters get no gradient.
     step_module = ray.train.torch.prepare_model(training.TrainingStep(model, config),
                                                 parallel_strategy_kwargs={"find_unused_parameters": True})
-
     slides: list[dict[str, Any]] = loop_config["slides"]
-    timer = _Timer()
     readers = _WorkerTileReaders(loop_config, config.tile.tile_level0_px)
-    examples = {s["slide_id"]: example for s, example in zip(
-        slides, _worker_examples(slides, readers, timer), strict=True)}
-    train_ids = [s["slide_id"] for s in slides if s["fold"] != loop_config["val_fold"]]
-    val_ids = [s["slide_id"] for s in slides if s["fold"] == loop_config["val_fold"]]
-    bad_slides: dict[str, str] = {}
-    paths = {s["path"]: s["slide_id"] for s in slides}
-
-    n_steps = training.steps_per_epoch(config, len(train_ids), world)
-    fail_marker = loop_config.get("fail_once_marker")
-    fail_always_at = loop_config.get("fail_always_at_epoch")
+    examples = _worker_examples(slides, readers)
+    loop = training.EpochLoop(model, config, optimizer, scheduler,
+                              [e for s, e in zip(slides, examples, strict=True) if s["fold"] != val_fold],
+                              [e for s, e in zip(slides, examples, strict=True) if s["fold"] == val_fold],
+                              step_module=step_module, rank=rank, world=world)
     try:
         for epoch in range(start_epoch, config.train.epochs):
-            if fail_marker and epoch == loop_config.get("fail_at_epoch") and rank == world - 1 \
-                    and not Path(fail_marker).exists():
-                Path(fail_marker).write_text(f"failed once at epoch {epoch}\n")
-                raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
-            if fail_always_at is not None and epoch == fail_always_at and rank == world - 1:
-                raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
-            epoch_start = time.perf_counter()
-            timer.read_s, timer.level0_pixels = 0.0, 0
-            live = [i for i in train_ids if i not in bad_slides]
-            plan = training.class_balanced_batches([examples[i].label for i in live], config.num_classes,
-                                                   config.train.slides_per_batch, n_steps * world,
-                                                   np.random.default_rng([seed, epoch]))
-            step_terms: list[dict[str, float]] = []
-            step_module.train()
-            for step, indices in enumerate(plan[rank::world]):
-                step_terms.append(training.optimise_skipping_bad_slides(
-                    step_module, model, optimizer,
-                    lambda members: training.batch_of([examples[m] for m in members]),
-                    [live[i] for i in indices], epoch, config, np.random.default_rng([seed, epoch, step, rank]),
-                    epoch * n_steps + step, bad_slides, lambda path: paths.get(path, path)))
-            scheduler.step()
-            # the time the steps blocked on tile reads (reads run in background threads, overlapping compute)
-            train_seconds = time.perf_counter() - epoch_start
-            train_wait = float(sum(t.get("tile_wait_s", 0.0) for t in step_terms))
-
-            # Validation, sharded over workers (base model, evaluation mode, one seed per slide).
-            shard = [examples[i] for i in val_ids[rank::world]]
-            validated = training.validate(model, config, shard, lambda slide_id: slide_seed(seed, slide_id),
-                                          bad_slides)
-            local = {"terms": training.mean_terms(step_terms), "val_rows": [
-                training.prediction_row(v, config) for v in validated],
-                "train_seconds": train_seconds, "train_tile_wait_s": train_wait, "read_s": timer.read_s,
-                "level0_pixels": timer.level0_pixels, "epoch_seconds": time.perf_counter() - epoch_start,
-                "bad_slides": dict(bad_slides), "steps": len(step_terms)}
-            gathered: list[Any] = [None] * world
-            if distributed:
-                dist.all_gather_object(gathered, local)
-            else:
-                gathered = [local]
-            for other in gathered:  # every worker learns every bad slide
-                bad_slides.update(other["bad_slides"])
-            metrics = _epoch_metrics(config, epoch, gathered, optimizer)
+            _inject_failure(loop_config, epoch, rank, world)
+            share, validated = loop.run_epoch(epoch)
+            shares = _gather(share, world)
+            for other in shares:  # every worker learns every bad slide
+                loop.bad_slides.update(other.bad_slides)
+            metrics = training.epoch_metrics(config, epoch, shares, optimizer)
             if rank == 0:
-                # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
-                sys.stdout.write(_epoch_line(metrics, config.train.epochs, training.primary_validation_key(config.task)) + "\n")
-                if metrics.get("attention_warning"):
-                    sys.stdout.write(f"[train] WARNING at epoch {epoch + 1}: {metrics['attention_warning']}; "
-                                     "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
-                sys.stdout.flush()
-                overlays = [v for v in validated[:int(loop_config.get("overlays_per_epoch", 2))]]
-                _report_with_checkpoint(model, config, optimizer, scheduler, epoch, loop_config["val_fold"],
-                                        metrics, gathered, overlays)
+                _print_epoch(metrics, config)
+                _report_with_checkpoint(model, config, optimizer, scheduler, val_fold, metrics, shares,
+                                        validated[:int(loop_config.get("overlays_per_epoch", 2))])
             else:
                 ray.train.report(metrics, checkpoint=None)
     finally:
         readers.shutdown()
+
+
+def _restore(model: Any, optimizer: Any, scheduler: Any, resume_checkpoint: str | None) -> int:
+    """The epoch to start at: after Ray Train's latest checkpoint (a restarted worker group, a resumed run
+    folder), else after ``--resume CHECKPOINT``'s, else 0."""
+    import ray.train
+
+    from dual_attention.training import load_train_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return load_train_state(directory, model, optimizer, scheduler) + 1
+    if resume_checkpoint:
+        return load_train_state(resume_checkpoint, model, optimizer, scheduler) + 1
+    return 0
+
+
+def _inject_failure(loop_config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+    """Test hooks of the fault-tolerance tests: the last rank fails once (a marker file remembers it), or
+    at every attempt, at the given epoch."""
+    marker = loop_config.get("fail_once_marker")
+    if marker and epoch == loop_config.get("fail_at_epoch") and rank == world - 1 and not Path(marker).exists():
+        Path(marker).write_text(f"failed once at epoch {epoch}\n")
+        raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
+    if epoch == loop_config.get("fail_always_at_epoch") and rank == world - 1:
+        raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
+
+
+def _gather(share: Any, world: int) -> list[Any]:
+    """Every worker's ``EpochShare``, on every worker."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [share]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, share)
+    return gathered
+
+
+def _print_epoch(metrics: dict[str, Any], config: DualAttentionConfig) -> None:
+    from dual_attention.training import epoch_line, primary_validation_key
+
+    # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
+    sys.stdout.write(epoch_line(metrics, config.train.epochs, primary_validation_key(config.task)) + "\n")
+    if metrics.get("attention_warning"):
+        sys.stdout.write(f"[train] WARNING at epoch {metrics['epoch'] + 1}: {metrics['attention_warning']}; "
+                         "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
+    sys.stdout.flush()
 
 
 class _WorkerTileReaders:
@@ -270,77 +213,35 @@ class _WorkerTileReaders:
             self.pool.shutdown()
 
 
-def _worker_examples(slides: Sequence[dict[str, Any]], readers: _WorkerTileReaders, timer: _Timer) -> list[Any]:
+def _worker_examples(slides: Sequence[dict[str, Any]], readers: _WorkerTileReaders) -> list[Any]:
     """Each slide's thumbnail, tissue mask and tumour mask (from the object store, fetched once per worker)
-    with a timed tile reader."""
+    with its tile reader."""
     import ray
 
     from dual_attention.training import SlideExample
 
     arrays = ray.get([s["arrays_ref"] for s in slides])
     return [SlideExample(slide_id=s["slide_id"], label=int(s["label"]), thumbnail=thumbnail, tissue_mask=tissue,
-                         level0_dims=tuple(s["level0_dims"]), read_tiles=timer.wrap(readers.read_tiles_fn(s["path"])),
-                         tumour_mask=tumour)
+                         level0_dims=tuple(s["level0_dims"]), read_tiles=readers.read_tiles_fn(s["path"]),
+                         tumour_mask=tumour, path=s["path"])
             for s, (thumbnail, tissue, tumour) in zip(slides, arrays, strict=True)]
 
 
-def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[dict[str, Any]],
-                   optimizer: Any) -> dict[str, Any]:
-    """One epoch's report from every worker's share: mean training terms, validation metrics and
-    diagnostics over all validation slides, timings, and the attention warning at its epoch."""
-    from dual_attention import training
-
-    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
-    val = training.validation_metrics(config.task, rows)
-    val |= training.epoch_diagnostics(rows)
-    terms = training.mean_terms([g["terms"] for g in gathered if g["terms"]])
-    worker_train_s = [g["train_seconds"] for g in gathered]
-    worker_wait_s = [g["train_tile_wait_s"] for g in gathered]
-    bad_slides = {k: v for g in gathered for k, v in g["bad_slides"].items()}
-    metrics: dict[str, Any] = {"epoch": epoch, "phase": training.training_phase(config, epoch)}
-    metrics |= {f"train_{k}": v for k, v in terms.items()}
-    metrics |= {f"val_{k}": v for k, v in val.items()}
-    metrics |= {
-        "lr_sam": optimizer.param_groups[0]["lr"], "lr_agent": optimizer.param_groups[1]["lr"],
-        "epoch_seconds": max(g["epoch_seconds"] for g in gathered),
-        "train_seconds": max(worker_train_s),
-        # per worker, averaged: time inside ReadTiles vs the rest of the training steps
-        "train_tile_wait_seconds": float(np.mean(worker_wait_s)),
-        "train_compute_seconds": float(np.mean([t - w for t, w in zip(worker_train_s, worker_wait_s, strict=True)])),
-        "train_tile_wait_fraction": float(np.sum(worker_wait_s) / max(np.sum(worker_train_s), 1e-9)),
-        "tile_wait_seconds_total": float(sum(g["read_s"] for g in gathered)),  # inside ReadTiles, train + val
-        "level0_pixels_read": float(sum(g["level0_pixels"] for g in gathered)),
-        "train_steps_per_worker": float(max(g["steps"] for g in gathered)),
-        "slides_skipped_in_training": float(len(bad_slides)),
-        "bad_slides": json.dumps(bad_slides, sort_keys=True),
-    }
-    metrics["val_primary"] = metrics.get(training.primary_validation_key(config.task), float("nan"))
-    if epoch == config.train.attention_check_epoch:
-        warning = training.attention_has_not_moved(val)
-        metrics["attention_warning"] = warning or ""  # printed by rank 0
-        metrics["attention_moved"] = 0.0 if warning else 1.0  # the figure MLflow keeps
-    return metrics
-
-
-def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any, epoch: int,
-                            val_fold: int, metrics: dict[str, Any], gathered: Sequence[dict[str, Any]],
+def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any,
+                            val_fold: int, metrics: dict[str, Any], shares: Sequence[Any],
                             overlays: Sequence[Any]) -> None:
-    """Rank 0: the checkpoint (weights + config, optimiser state, validation overlays of a fixed set of
-    slides, the epoch's predictions) reported with the epoch's metrics."""
+    """Rank 0: the epoch's checkpoint (``training.save_training_checkpoint``) plus validation overlays of a
+    fixed set of slides, reported with the epoch's metrics."""
     import ray.train
-    import torch
 
-    from dual_attention.checkpoint import save_checkpoint
+    from dual_attention.training import save_training_checkpoint
     from jobs.overlays import save_slide_score_overlay
 
-    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
+    epoch = int(metrics["epoch"])
+    rows = sorted((r for share in shares for r in share.val_rows), key=lambda r: r["slide_id"])
     with tempfile.TemporaryDirectory(prefix="dual-attention-ckpt-") as directory:
-        save_checkpoint(directory, model, config, extra={
-            "epoch": epoch, "val_fold": val_fold,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) or k == "phase"},
-        })
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-                   Path(directory) / TRAIN_STATE_FILE)
+        save_training_checkpoint(directory, model, config, optimizer, scheduler, epoch, metrics, rows,
+                                 extra={"val_fold": val_fold})
         for validated in overlays:
             example, score = validated.example, validated.score
             save_slide_score_overlay(
@@ -348,38 +249,8 @@ def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: 
                 config.slide.thumbnail_downsample, class_names=config.class_names,
                 title=f"{example.slide_id} (label {config.class_names[example.label]}, "
                       f"predicted {score.predicted_label}, epoch {epoch + 1})")
-        (Path(directory) / METRICS_FILE).write_text(json.dumps(
-            {"metrics": metrics, "val_predictions": rows}, indent=1, default=float))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
-
-
-def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
-    for slide in slides:
-        if os.path.abspath(slide["path"]) == os.path.abspath(path):
-            return slide["slide_id"]
-    return str(path)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:  # a figure that is undefined (AUROC on one class) or missing
-        return "n/a"
-    if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _epoch_line(metrics: dict[str, Any], epochs: int, primary: str) -> str:
-    """The progress line: losses, whether the attention has moved (entropy 1 = flat; on tumour ÷ share
-    1 = blind to tumour), how well the agent reads, whether its glimpses differ between tiles, and time."""
-    return (f"[train] epoch {metrics['epoch'] + 1}/{epochs} ({metrics['phase']}) "
-            f"l_j={_fmt(metrics.get('train_l_j'))} l_sa={_fmt(metrics.get('train_l_sa'))} "
-            f"l_ha={_fmt(metrics.get('train_l_ha'))} tile_acc={_fmt(metrics.get('train_tile_accuracy'))} "
-            f"attn_entropy={_fmt(metrics.get('val_attention_entropy'))} "
-            f"attn_on_tumour={_fmt(metrics.get('val_attention_tumour_ratio'))} "
-            f"glimpse_spread={_fmt(metrics.get('val_glimpse_spread'))} val_acc={_fmt(metrics.get('val_accuracy'))} "
-            f"{primary}={_fmt(metrics.get(primary))} tile_wait={_fmt(metrics['train_tile_wait_fraction'])} "
-            f"{metrics['epoch_seconds']:.1f}s")
 
 
 # -- driver side ---------------------------------------------------------------------------------------------
@@ -788,6 +659,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
                 register: bool, fail_always_at_epoch: int | None = None) -> FoldOutcome:
     import mlflow
 
+    from dual_attention.training import val_predictions_of
     from jobs import tracking
 
     fold_state = state.setdefault("folds", {}).setdefault(str(val_fold), {})
@@ -848,9 +720,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         history = _epoch_history(result)
         final_metrics = dict(history[-1][0]) if history else {}
         checkpoint_dir = _local_checkpoint_dir(result)
-        predictions: list[dict[str, Any]] = []
-        if checkpoint_dir and (Path(checkpoint_dir) / METRICS_FILE).is_file():
-            predictions = json.loads((Path(checkpoint_dir) / METRICS_FILE).read_text())["val_predictions"]
+        predictions = val_predictions_of(checkpoint_dir) if checkpoint_dir else []
         bad = json.loads(final_metrics.get("bad_slides", "{}") or "{}")
         if bad:  # slides that opened but whose tiles failed during training
             mlflow.log_dict({"slides_failed_during_training": bad}, "slides_failed_during_training.json")
@@ -908,6 +778,7 @@ def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:
 
 
 def summary_table(config: DualAttentionConfig, outcomes: list[FoldOutcome], combined: dict[str, float]) -> str:
+    from dual_attention.training import format_figure as _fmt
     from dual_attention.training import primary_validation_key
 
     primary = primary_validation_key(config.task)

@@ -146,9 +146,16 @@ def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(t
     """The figures a training run validates with are the ones evaluation reports: the same per-slide seed,
     the same predictions and one metrics function (keys included), on the same slides and model."""
     from dual_attention.checkpoint import load_checkpoint
-    from dual_attention.pipeline import slide_seed
     from dual_attention.slides import SlideError
-    from dual_attention.training import SlideExample, prediction_row, validate, validation_metrics
+    from dual_attention.training import (
+        EpochLoop,
+        EpochShare,
+        SlideExample,
+        build_optimizer,
+        epoch_metrics,
+        prediction_row,
+        validation_metrics,
+    )
     from jobs.evaluate import evaluate_rows
     from jobs.preprocess import load_or_compute_thumbnail
 
@@ -164,9 +171,12 @@ def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(t
         examples.append(SlideExample(row["slide_id"], int(row["label"]), thumbnail, tissue, dims,
                                      _local_read_tiles(row["path"], tile_px)))
     seed = config.train.seed
-    validated = validate(model, config, examples, lambda slide_id: slide_seed(seed, slide_id), {})
-    trained_rows = [prediction_row(v, config) for v in validated]
-    training_metrics = validation_metrics(config.task, trained_rows)
+    optimizer, scheduler = build_optimizer(model, config)
+    loop = EpochLoop(model, config, optimizer, scheduler, [], examples)  # the worker's validation, rank 0 of 1
+    trained_rows = [prediction_row(v, config) for v in loop.validate()]
+    share = EpochShare(terms={}, val_rows=trained_rows, train_seconds=0.0, train_tile_wait_s=0.0, read_s=0.0,
+                       level0_pixels=0, epoch_seconds=0.0, bad_slides={}, steps=0)
+    reported = epoch_metrics(config, 0, [share], optimizer)  # what the epoch's report and MLflow get
 
     report = evaluate_rows(model, config, rows, _local_read_tiles, seed=seed, progress=False)
     assert [s["slide_id"] for s in report.skipped] == ["broken"]
@@ -177,10 +187,12 @@ def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(t
         assert evaluated["predicted_class"] == row["predicted"]
         assert [evaluated[f"prob_{name}"] for name in config.class_names] == pytest.approx(row["probabilities"])
     evaluated_metrics = {k: v for k, v in report.metrics.items() if k != "contest_source"}
+    training_metrics = validation_metrics(config.task, trained_rows)
     assert evaluated_metrics.keys() == training_metrics.keys()
     assert "agreement_points_per_case" in training_metrics
-    for key, value in training_metrics.items():
-        assert evaluated_metrics[key] == (value if value is None or isinstance(value, str) else pytest.approx(value)), key
+    for key, value in evaluated_metrics.items():
+        same = value if value is None or isinstance(value, str) else pytest.approx(value)
+        assert training_metrics[key] == same and reported[f"val_{key}"] == same, key
 
 
 def test_select_rows_filters_folds_and_refuses_another_task(tiny_cohort: Path, tmp_path: Path) -> None:

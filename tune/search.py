@@ -31,7 +31,7 @@ metrics in the child; the best trial's best-epoch checkpoint is registered (defa
 
 Resuming: ``--resume EXPERIMENT_DIR`` continues a stopped search (``Tuner.restore``): finished trials are
 kept, unfinished ones are restarted and continue from their last Train checkpoint, the searcher goes on
-from its saved state. Trial checkpoints load with ``weights_only`` (``jobs.train._load_train_state``), but
+from its saved state. Trial checkpoints load with ``weights_only`` (``dual_attention.training.load_train_state``), but
 ``Tuner.restore`` itself unpickles Ray's experiment state (trainable, searcher, callbacks): resume only an
 experiment folder this project wrote, on storage others cannot write to. ``--storage-path`` and ``--mlflow-uri`` may point at shared storage (a path every
 node sees, a tracking server), so the same command runs on a multi-node cluster (``RAY_ADDRESS``).
