@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -63,9 +64,70 @@ from typing import Any
 
 import numpy as np
 
-from dual_attention.config import DualAttentionConfig, preset
+from dual_attention.config import DualAttentionConfig
 
 OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
+DEVICES = ("auto", "cpu", "gpu")
+TILE_READERS = ("pool", "local")
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """How one training run is carried out, besides the model config: where it writes, where it tracks,
+    what its workers run on. Built once (from the command line by ``run_from_args``, or by the quickstart,
+    Tune's trials and the benchmarks) and passed whole; the seeds are the config's (``train.seed``)."""
+
+    run_dir: Path
+    val_folds: tuple[int, ...] = (0,)
+    cache_dir: Path | None = None  # thumbnails and tissue masks; default <run_dir>/cache
+    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite in the run folder
+    experiment: str = "dual-attention"
+    model_name: str | None = None  # default dual-attention-<task>
+    model_alias: str = "candidate"
+    register: bool = True
+    device: str = "auto"  # auto: GPU workers when the cluster has GPUs
+    max_failures: int = 2  # worker-group restarts before a fold fails
+    resume_checkpoint: str | None = None  # a checkpoint folder to start from (weights, optimiser, epoch)
+    overlays_per_epoch: int = 2
+    tile_actors_per_worker: int = 1
+    tile_reader: str = "pool"  # pool: Ray tile-reader actors; local: OpenSlide in the worker process
+    torch_threads: int = 1  # torch intra-op threads per Train worker (each holds one logical CPU)
+    fail_at_epoch: int | None = None  # test hook: the last worker fails once at this epoch
+    fail_always_at_epoch: int | None = None  # test hook: ... at every attempt
+
+    def __post_init__(self) -> None:
+        from dual_attention.config import ConfigError
+
+        if self.device not in DEVICES or self.tile_reader not in TILE_READERS:
+            raise ConfigError(f"device must be one of {DEVICES} and tile_reader one of {TILE_READERS}, got "
+                              f"{self.device!r}, {self.tile_reader!r}")
+        for name in ("torch_threads", "tile_actors_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < 0 or self.overlays_per_epoch < 0:
+            raise ConfigError("--max-failures and --overlays-per-epoch must be >= 0")
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.run_dir) / "cache"
+
+    def use_gpu(self) -> bool:
+        """Whether Train workers take a GPU (``auto`` asks the cluster; Ray must be running)."""
+        return cluster_has_gpu() if self.device == "auto" else self.device == "gpu"
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """Everything a Ray Train worker of one fold reads (the trainer's ``train_loop_config["job"]``)."""
+
+    config: DualAttentionConfig
+    cohort: PreparedCohort
+    run: TrainRun
+    val_fold: int
+
+    @property
+    def fail_once_marker(self) -> Path:
+        return Path(self.run.run_dir) / f"failed_once_fold{self.val_fold}"
 
 
 # -- worker side: the core loop (dual_attention.training.EpochLoop) under Ray Train ------------------------------
@@ -93,29 +155,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from dual_attention.models import DualAttentionModel
 
     _quiet_ray_train_reports()
-    config = DualAttentionConfig.from_dict(loop_config["config"])
-    val_fold = loop_config["val_fold"]
+    job: FoldJob = loop_config["job"]
+    config, run, val_fold = job.config, job.run, job.val_fold
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+    torch.set_num_threads(run.torch_threads)
 
     model = DualAttentionModel(config)
     optimizer, scheduler = training.build_optimizer(model, config)
-    start_epoch = _restore(model, optimizer, scheduler, loop_config.get("resume_checkpoint"))
+    start_epoch = _restore(model, optimizer, scheduler, run.resume_checkpoint)
     # Separate mode trains half the network per phase; the other half's parameters get no gradient.
     step_module = ray.train.torch.prepare_model(training.TrainingStep(model, config),
                                                 parallel_strategy_kwargs={"find_unused_parameters": True})
-    slides: list[dict[str, Any]] = loop_config["slides"]
-    readers = _WorkerTileReaders(loop_config, config.tile.tile_level0_px)
-    examples = _worker_examples(slides, readers)
+    slides = job.cohort.slides
+    readers = _WorkerTileReaders(run, config.tile.tile_level0_px)
+    examples = _worker_examples(job.cohort, readers)
     loop = training.EpochLoop(model, config, optimizer, scheduler,
-                              [e for s, e in zip(slides, examples, strict=True) if s["fold"] != val_fold],
-                              [e for s, e in zip(slides, examples, strict=True) if s["fold"] == val_fold],
+                              [e for s, e in zip(slides, examples, strict=True) if s.fold != val_fold],
+                              [e for s, e in zip(slides, examples, strict=True) if s.fold == val_fold],
                               step_module=step_module, rank=rank, world=world)
     try:
         for epoch in range(start_epoch, config.train.epochs):
-            _inject_failure(loop_config, epoch, rank, world)
+            _inject_failure(job, epoch, rank, world)
             share, validated = loop.run_epoch(epoch)
             shares = _gather(share, world)
             for other in shares:  # every worker learns every bad slide
@@ -124,7 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 _print_epoch(metrics, config)
                 _report_with_checkpoint(model, config, optimizer, scheduler, val_fold, metrics, shares,
-                                        validated[:int(loop_config.get("overlays_per_epoch", 2))])
+                                        validated[:run.overlays_per_epoch])
             else:
                 ray.train.report(metrics, checkpoint=None)
     finally:
@@ -147,14 +209,13 @@ def _restore(model: Any, optimizer: Any, scheduler: Any, resume_checkpoint: str 
     return 0
 
 
-def _inject_failure(loop_config: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+def _inject_failure(job: FoldJob, epoch: int, rank: int, world: int) -> None:
     """Test hooks of the fault-tolerance tests: the last rank fails once (a marker file remembers it), or
     at every attempt, at the given epoch."""
-    marker = loop_config.get("fail_once_marker")
-    if marker and epoch == loop_config.get("fail_at_epoch") and rank == world - 1 and not Path(marker).exists():
-        Path(marker).write_text(f"failed once at epoch {epoch}\n")
+    if epoch == job.run.fail_at_epoch and rank == world - 1 and not job.fail_once_marker.exists():
+        job.fail_once_marker.write_text(f"failed once at epoch {epoch}\n")
         raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
-    if epoch == loop_config.get("fail_always_at_epoch") and rank == world - 1:
+    if epoch == job.run.fail_always_at_epoch and rank == world - 1:
         raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
 
 
@@ -185,12 +246,12 @@ class _WorkerTileReaders:
     pool holds locks and cannot be shipped, and its actors die with the worker), or ``local``, the same
     ``TileReader`` code in this process."""
 
-    def __init__(self, loop_config: dict[str, Any], tile_px: int) -> None:
+    def __init__(self, run: TrainRun, tile_px: int) -> None:
         from jobs.tile_plane import TilePool, TileReader
 
         self.tile_px = tile_px
-        self.local = TileReader() if loop_config.get("tile_reader") == "local" else None
-        self.pool = None if self.local else TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
+        self.local = TileReader() if run.tile_reader == "local" else None
+        self.pool = None if self.local else TilePool(num_actors=run.tile_actors_per_worker)
 
     def read_tiles_fn(self, path: str) -> Callable[[Any], np.ndarray]:
         from dual_attention.slides import SlideError
@@ -213,18 +274,18 @@ class _WorkerTileReaders:
             self.pool.shutdown()
 
 
-def _worker_examples(slides: Sequence[dict[str, Any]], readers: _WorkerTileReaders) -> list[Any]:
+def _worker_examples(cohort: PreparedCohort, readers: _WorkerTileReaders) -> list[Any]:
     """Each slide's thumbnail, tissue mask and tumour mask (from the object store, fetched once per worker)
     with its tile reader."""
     import ray
 
     from dual_attention.training import SlideExample
 
-    arrays = ray.get([s["arrays_ref"] for s in slides])
-    return [SlideExample(slide_id=s["slide_id"], label=int(s["label"]), thumbnail=thumbnail, tissue_mask=tissue,
-                         level0_dims=tuple(s["level0_dims"]), read_tiles=readers.read_tiles_fn(s["path"]),
-                         tumour_mask=tumour, path=s["path"])
-            for s, (thumbnail, tissue, tumour) in zip(slides, arrays, strict=True)]
+    arrays = ray.get([cohort.arrays_refs[s.slide_id] for s in cohort.slides])
+    return [SlideExample(slide_id=s.slide_id, label=s.label, thumbnail=thumbnail, tissue_mask=tissue,
+                         level0_dims=s.level0_dims, read_tiles=readers.read_tiles_fn(s.path), tumour_mask=tumour,
+                         path=s.path)
+            for s, (thumbnail, tissue, tumour) in zip(cohort.slides, arrays, strict=True)]
 
 
 def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any,
@@ -373,41 +434,27 @@ class FoldOutcome:
     registered: dict[str, str] | None = None
 
 
-def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int, *,
-             use_gpu: bool, max_failures: int, resume_checkpoint: str | None = None,
-             overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1, tile_reader: str = "pool",
-             fail_at_epoch: int | None = None, callbacks: Sequence[Any] = (),
-             fail_always_at_epoch: int | None = None) -> Any:
-    """One Ray Train run for one validation fold; returns the ``ray.train.Result``.
+def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun, val_fold: int,
+             callbacks: Sequence[Any] = ()) -> Any:
+    """One Ray Train run for one validation fold, under ``run.run_dir/ray/fold<k>``; returns the
+    ``ray.train.Result``.
 
     ``callbacks`` go to the trainer's ``RunConfig`` (the tuning job passes Tune's ``TuneReportCallback``
     there, so that every epoch's report reaches Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    val_ids = [s.slide_id for s in cohort.slides if s.fold == val_fold]
-    if not val_ids:
+    if not any(s.fold == val_fold for s in cohort.slides):
         raise ValueError(f"validation fold {val_fold} has no usable slide (manifest column 'fold')")
-    slides = [{"slide_id": s.slide_id, "path": s.path, "label": s.label, "fold": s.fold,
-               "level0_dims": list(s.level0_dims), "arrays_ref": cohort.arrays_refs[s.slide_id]}
-              for s in cohort.slides]
-    loop_config: dict[str, Any] = {
-        "config": config.to_dict(), "slides": slides, "val_fold": val_fold,
-        "resume_checkpoint": resume_checkpoint, "overlays_per_epoch": overlays_per_epoch,
-        "tile_actors_per_worker": tile_actors_per_worker, "tile_reader": tile_reader,
-    }
-    if fail_at_epoch is not None:
-        loop_config |= {"fail_at_epoch": fail_at_epoch, "fail_once_marker": str(run_dir / f"failed_once_fold{val_fold}")}
-    if fail_always_at_epoch is not None:
-        loop_config["fail_always_at_epoch"] = fail_always_at_epoch
+    use_gpu = run.use_gpu()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"job": FoldJob(config, cohort, run, val_fold)},
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=f"fold{val_fold}",
-            storage_path=str((run_dir / "ray").resolve()),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=str((Path(run.run_dir) / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's overlays reach MLflow
             callbacks=list(callbacks) or None,
             # Ray Train's own INFO lines (every report, every checkpoint) drown the one line per epoch that
@@ -567,30 +614,25 @@ def _local_checkpoint_dir(result: Any) -> str | None:
     return path if Path(path).is_dir() else None
 
 
-def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str | Path, *,
-                 val_folds: Sequence[int], mlflow_uri: str | None = None, experiment: str = "dual-attention",
-                 model_name: str | None = None, model_alias: str = "candidate", register: bool = True,
-                 device: str = "auto", max_failures: int = 2, resume_checkpoint: str | None = None,
-                 cache_dir: str | Path | None = None, overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
-                 tile_reader: str = "pool",
-                 fail_at_epoch: int | None = None, fail_always_at_epoch: int | None = None) -> dict[str, Any]:
-    """The whole job: preprocess, one fit per validation fold, MLflow logging and registration, report.
+def run_training(config: DualAttentionConfig, manifest: str | Path, run: TrainRun) -> dict[str, Any]:
+    """The whole job: train ``config`` on ``manifest`` as ``run`` says: preprocess, one fit per validation
+    fold, MLflow logging and registration, report. Neither ``config`` nor ``run`` is changed.
 
-    Returns the report (also written to ``run_dir/report.json``)."""
+    Returns the report (also written to ``run.run_dir/report.json``)."""
     import mlflow
 
     from jobs import tracking
 
-    run_dir = Path(run_dir).resolve()
+    run = dataclasses.replace(run, run_dir=Path(run.run_dir).resolve(),
+                              model_name=run.model_name or tracking.default_model_name(config.task))
+    run_dir, val_folds, model_name, model_alias = run.run_dir, run.val_folds, run.model_name, run.model_alias
     run_dir.mkdir(parents=True, exist_ok=True)
     config.to_yaml(run_dir / "config.yaml")
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
     init_ray()
-    use_gpu = {"auto": cluster_has_gpu(), "gpu": True, "cpu": False}[device]
-    config.train.use_gpu = use_gpu
 
-    cache = Path(cache_dir) if cache_dir else run_dir / "cache"
+    cache = run.cache
     started = time.perf_counter()
     cohort = prepare_cohort(manifest, config, cache)
     print(f"[train] preprocessed {len(cohort.slides) + len(cohort.skipped)} slides of {manifest} "
@@ -598,8 +640,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
     for skipped in cohort.skipped:
         print(f"[train] skipped slide {skipped['slide_id']} ({skipped['path']}): {skipped['reason']}", flush=True)
 
-    tracking.setup_mlflow(run_dir, mlflow_uri, experiment)
-    model_name = model_name or tracking.default_model_name(config.task)
+    tracking.setup_mlflow(run_dir, run.mlflow_uri, run.experiment)
     cross_validation = len(val_folds) > 1
     outcomes: list[FoldOutcome] = []
     parent = None  # with cross-validation, one parent MLflow run holds the fold runs and the pooled metrics
@@ -614,18 +655,11 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                 state["params_logged"] = True
             _log_skipped(cohort.skipped)
         for val_fold in val_folds:
-            outcomes.append(_train_fold(
-                config, cohort, run_dir, val_fold, state, state_path, nested=cross_validation,
-                use_gpu=use_gpu, max_failures=max_failures, resume_checkpoint=resume_checkpoint,
-                overlays_per_epoch=overlays_per_epoch, tile_actors_per_worker=tile_actors_per_worker,
-                tile_reader=tile_reader,
-                fail_at_epoch=fail_at_epoch, manifest=str(manifest), model_name=model_name,
-                model_alias=model_alias if not cross_validation else f"{model_alias}-fold{val_fold}",
-                register=register, fail_always_at_epoch=fail_always_at_epoch))
+            outcomes.append(_train_fold(config, cohort, run, str(manifest), val_fold, state, state_path))
         combined = _combined_metrics(config, outcomes)
         if parent is not None:
             tracking.log_metrics({f"cv_{k}": v for k, v in combined.items()}, step=0)
-            if register:
+            if run.register:
                 _alias_best_fold(config, outcomes, model_name, model_alias)
             mlflow.end_run()
     except BaseException as error:
@@ -652,11 +686,10 @@ def _log_skipped(skipped: list[dict[str, str]]) -> None:
     mlflow.log_dict({"slides_skipped": skipped}, "slides_skipped.json")
 
 
-def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int,
-                state: dict[str, Any], state_path: Path, *, nested: bool, use_gpu: bool, max_failures: int,
-                resume_checkpoint: str | None, overlays_per_epoch: int, tile_actors_per_worker: int, tile_reader: str,
-                fail_at_epoch: int | None, manifest: str, model_name: str, model_alias: str,
-                register: bool, fail_always_at_epoch: int | None = None) -> FoldOutcome:
+def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun, manifest: str, val_fold: int,
+                state: dict[str, Any], state_path: Path) -> FoldOutcome:
+    """One fold: its MLflow run (nested under the cross-validation parent; continued on resume), the fit
+    with each epoch logged as it ends, the outcome, and the fold's model registered."""
     import mlflow
 
     from dual_attention.training import val_predictions_of
@@ -670,15 +703,17 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         status = mlflow.MlflowClient().get_run(run_id).info.status
         print(f"[train] fold {val_fold}: continuing MLflow run {run_id} (was {status}; epochs up to "
               f"{int(fold_state.get('last_logged_epoch', -1))} already logged)", flush=True)
-    run = mlflow.start_run(run_id=run_id, nested=nested) if run_id else \
-        mlflow.start_run(run_name=f"{run_dir.name}-fold{val_fold}", nested=nested)
-    with run:
-        fold_state["mlflow_run_id"] = run.info.run_id
+    nested = len(run.val_folds) > 1
+    model_alias = f"{run.model_alias}-fold{val_fold}" if nested else run.model_alias
+    mlflow_run = mlflow.start_run(run_id=run_id, nested=nested) if run_id else \
+        mlflow.start_run(run_name=f"{run.run_dir.name}-fold{val_fold}", nested=nested)
+    with mlflow_run:
+        fold_state["mlflow_run_id"] = mlflow_run.info.run_id
         if not fold_state.get("params_logged"):
             tracking.log_config(config, extra={"val_fold": val_fold, "manifest": manifest,
-                                               "resume_checkpoint": resume_checkpoint or ""})
+                                               "resume_checkpoint": run.resume_checkpoint or ""})
             fold_state["params_logged"] = True
-        mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run_dir)})
+        mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run.run_dir)})
         _log_skipped(cohort.skipped)
         _write_json(state_path, state)
 
@@ -688,14 +723,10 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
 
         started = time.perf_counter()
         failure: Exception | None = None
-        with EpochLogger(mlflow.get_tracking_uri(), run.info.run_id, int(fold_state.get("last_logged_epoch", -1)),
+        with EpochLogger(mlflow.get_tracking_uri(), mlflow_run.info.run_id, int(fold_state.get("last_logged_epoch", -1)),
                          logged) as epoch_logger:
             try:
-                result = fit_fold(config, cohort, run_dir, val_fold, use_gpu=use_gpu, max_failures=max_failures,
-                                  resume_checkpoint=resume_checkpoint, overlays_per_epoch=overlays_per_epoch,
-                                  tile_actors_per_worker=tile_actors_per_worker, tile_reader=tile_reader,
-                                  fail_at_epoch=fail_at_epoch, callbacks=[epoch_logger.callback],
-                                  fail_always_at_epoch=fail_always_at_epoch)
+                result = fit_fold(config, cohort, run, val_fold, callbacks=[epoch_logger.callback])
             except Exception as error:  # ray.train.TrainingFailedError once --max-failures restarts are spent
                 failure = error
         if epoch_logger.errors:
@@ -709,7 +740,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
             mlflow.log_text(f"{type(failure).__name__}: {failure}\n", "error.txt")  # the whole report, once
             if not isinstance(failure, TrainingFailedError):
                 raise failure  # not a training failure (e.g. a refused input): its own message says what
-            raise TrainingFailed(val_fold, cause, run.info.run_id, run_dir, max_failures,
+            raise TrainingFailed(val_fold, cause, mlflow_run.info.run_id, run.run_dir, run.max_failures,
                                  int(fold_state.get("last_logged_epoch", -1))) from failure
         print(f"[train] fold {val_fold}: fit in {time.perf_counter() - started:.1f}s", flush=True)
         started = time.perf_counter()
@@ -726,14 +757,14 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
             mlflow.log_dict({"slides_failed_during_training": bad}, "slides_failed_during_training.json")
         outcome = FoldOutcome(val_fold=val_fold, epochs_done=int(final_metrics.get("epoch", -1)) + 1,
                               final_metrics=final_metrics, checkpoint_dir=checkpoint_dir,
-                              mlflow_run_id=run.info.run_id, val_predictions=predictions,
+                              mlflow_run_id=mlflow_run.info.run_id, val_predictions=predictions,
                               error=None if result.error is None else str(result.error))
         if result.error is not None:
             mlflow.set_tag("error", str(result.error)[:5000])
             raise RuntimeError(f"training fold {val_fold} failed: {result.error}") from result.error
-        if register and checkpoint_dir:
-            registered = tracking.register_model(checkpoint_dir, config.class_names, model_name, model_alias,
-                                                 tags={"val_fold": str(val_fold), "run_dir": str(run_dir)})
+        if run.register and checkpoint_dir:
+            registered = tracking.register_model(checkpoint_dir, config.class_names, run.model_name, model_alias,
+                                                 tags={"val_fold": str(val_fold), "run_dir": str(run.run_dir)})
             outcome.registered = {"name": registered.name, "version": registered.version,
                                   "alias": registered.alias, "model_uri": registered.model_uri}
             mlflow.set_tag("registered_model", f"{registered.name}/{registered.version}@{registered.alias}")
@@ -798,50 +829,42 @@ def summary_table(config: DualAttentionConfig, outcomes: list[FoldOutcome], comb
 # -- command line ----------------------------------------------------------------------------------------------
 
 
+def add_run_flags(parser: argparse.ArgumentParser, *, experiment: str, model_alias: str, max_failures: int) -> None:
+    """The run flags the training and tuning jobs share (each with its own defaults where they differ)."""
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: GPU workers when the cluster has GPUs")
+    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run folder>/cache)")
+    parser.add_argument("--max-failures", type=int, default=max_failures,
+                        help="worker-group restarts before a training run gives up")
+    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per Train worker")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads per Train worker (each holds one logical CPU)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
+                                             "run folder)")
+    parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
+    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
+    parser.add_argument("--model-alias", default=model_alias, help="alias given to the registered version")
+    parser.add_argument("--no-register", action="store_true", help="do not register the model")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from dual_attention.config import add_config_flags
+
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", help="cohort manifest.parquet (required unless --resume RUN_DIR)")
-    parser.add_argument("--preset", default="cpu-small", help="config preset: paper-her2, paper-mmr, cpu-small")
-    parser.add_argument("--task", choices=("her2", "mmr"), help="switch the preset's task")
-    parser.add_argument("--config", help="YAML config file (full, or 'preset: NAME' plus changes)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config override, repeatable (e.g. --set loss.alpha=0.7)")
-    parser.add_argument("--epochs", type=int, help="train.epochs")
-    parser.add_argument("--num-workers", type=int, help="train.num_workers (Ray Train workers)")
-    parser.add_argument("--mode", choices=("joint", "separate"), help="train.mode")
-    parser.add_argument("--val-fold", type=int, help="train.val_fold: the manifest fold held out for validation")
+    add_config_flags(parser)
     parser.add_argument("--all-folds", action="store_true", help="one run per validation fold (k-fold CV)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="auto: GPU workers when the cluster has GPUs")
     parser.add_argument("--run-dir", help="run folder (default runs/<time>-<task>)")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="continue a stopped run folder, or start from a checkpoint folder (model.pt)")
-    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run-dir>/cache)")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in run dir)")
-    parser.add_argument("--experiment", default="dual-attention", help="MLflow experiment name")
-    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
-    parser.add_argument("--model-alias", default="candidate", help="alias given to the registered version")
-    parser.add_argument("--no-register", action="store_true", help="do not register the final model")
+    add_run_flags(parser, experiment="dual-attention", model_alias="candidate", max_failures=2)
     parser.add_argument("--overlays-per-epoch", type=int, default=2, help="validation overlays logged per epoch")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per worker")
-    parser.add_argument("--tile-reader", choices=("pool", "local"), default="pool",
+    parser.add_argument("--tile-reader", choices=TILE_READERS, default="pool",
                         help="pool: Ray tile-reader actors (default); local: OpenSlide in the worker process")
     parser.add_argument("--inject-failure-at-epoch", type=int, help=argparse.SUPPRESS)  # fault-tolerance tests
     # a worker that fails at this epoch on every attempt (failure-reporting tests)
     parser.add_argument("--inject-persistent-failure-at-epoch", type=int, help=argparse.SUPPRESS)
     return parser
-
-
-def _config_from_args(args: argparse.Namespace) -> DualAttentionConfig:
-    config = DualAttentionConfig.from_yaml(args.config) if args.config else preset(args.preset, task=args.task)
-    overrides = list(args.set)
-    for flag, key in (("epochs", "train.epochs"), ("num_workers", "train.num_workers"), ("mode", "train.mode"),
-                      ("val_fold", "train.val_fold")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    return config.with_overrides(overrides)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -862,20 +885,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from dual_attention.config import config_from_flags, flag_overrides
+
     resume_checkpoint: str | None = None
     if args.resume:
         resume = Path(args.resume)
+        overrides = flag_overrides(args, shortcuts=("--epochs",))  # the rest is the run's own
         if (resume / "config.yaml").is_file() and (resume / "state.json").is_file():  # a run folder
             run_dir = resume
-            config = DualAttentionConfig.from_yaml(resume / "config.yaml")
-            overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
-            config = config.with_overrides(overrides)
+            config = DualAttentionConfig.from_yaml(resume / "config.yaml").with_overrides(overrides)
             manifest = args.manifest or _read_json(resume / "state.json").get("manifest")
         elif (resume / "model.pt").is_file() or resume.name == "model.pt":
             from dual_attention.checkpoint import load_checkpoint
 
             _, config, extra = load_checkpoint(resume)
-            config = config.with_overrides(list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else []))
+            config = config.with_overrides(overrides)
             done = int(extra.get("epoch", -1)) + 1
             if done >= config.train.epochs:
                 print(f"error: --resume {resume}: the checkpoint has {done} epoch(s) done and train.epochs is "
@@ -889,7 +913,7 @@ def _main(args: argparse.Namespace) -> int:
                   "folder (model.pt)", file=sys.stderr)
             return 2
     else:
-        config = _config_from_args(args)
+        config = config_from_flags(args)
         run_dir = Path(args.run_dir) if args.run_dir else None
         manifest = args.manifest
     if not manifest:
@@ -910,14 +934,15 @@ def _main(args: argparse.Namespace) -> int:
         val_folds = state.get("val_folds") if args.resume and state.get("val_folds") else [config.train.val_fold]
     state["val_folds"] = val_folds
     _write_json(run_dir / "state.json", state)
-    report = run_training(
-        config, manifest, run_dir, val_folds=val_folds, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
-        model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
-        device=args.device, max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
-        cache_dir=args.cache_dir, overlays_per_epoch=args.overlays_per_epoch,
-        tile_actors_per_worker=args.tile_actors_per_worker, tile_reader=args.tile_reader,
-        fail_at_epoch=args.inject_failure_at_epoch, fail_always_at_epoch=args.inject_persistent_failure_at_epoch,
-    )
+    run = TrainRun(
+        run_dir=run_dir, val_folds=tuple(val_folds), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        mlflow_uri=args.mlflow_uri, experiment=args.experiment, model_name=args.model_name,
+        model_alias=args.model_alias, register=not args.no_register, device=args.device,
+        max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
+        overlays_per_epoch=args.overlays_per_epoch, tile_actors_per_worker=args.tile_actors_per_worker,
+        tile_reader=args.tile_reader, torch_threads=args.torch_threads, fail_at_epoch=args.inject_failure_at_epoch,
+        fail_always_at_epoch=args.inject_persistent_failure_at_epoch)
+    report = run_training(config, manifest, run)
     print(f"[train] report: {Path(report['run_dir']) / 'report.json'}", flush=True)
     return 0
 

@@ -131,14 +131,18 @@ def test_registered_model_with_poisoned_artifacts_is_refused_by_serve_and_score(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking_uri = sqlite_uri(tmp_path / "mlflow.db")
     _, folder = _small_checkpoint(tmp_path / "ckpt")
-    previous = mlflow.get_tracking_uri()
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
+    # the registry too: a training run earlier in the session (jobs.tracking.setup_mlflow) leaves the
+    # process's registry URI on its own store, where the model would otherwise be registered
+    mlflow.set_registry_uri(tracking_uri)
     try:
         mlflow.set_experiment("load-safety")
         with mlflow.start_run():
             registered = register_model(folder, CLASS_NAMES["her2"], "poisoned", alias="champion")
     finally:
         mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from dual_attention.config import ConfigError, DualAttentionConfig, preset
+from dual_attention.config import ConfigError, DualAttentionConfig, config_from_flags
 from tune.space import DEFAULT_SPACE_PATH, NOISE_WIDTH, SearchSpace, SearchSpaceError, space_from_dict
 
 SETTINGS_FILE = "search.json"
@@ -81,6 +81,7 @@ class SearchSettings:
     seed: int = 0
     device: str = "auto"
     tile_actors_per_worker: int = 1
+    torch_threads: int = 1
     max_failures: int = 0
     train_poll_interval_s: float | None = None
     cache_dir: str | None = None  # thumbnails and tissue masks (default <experiment>/cache)
@@ -101,6 +102,16 @@ class SearchSettings:
 
     def search_space(self) -> SearchSpace:
         return space_from_dict(self.space, self.base(), source=f"search space {self.space_source}")
+
+    def trial_run(self, use_gpu: bool | None = None) -> Any:
+        """The ``jobs.train.TrainRun`` every trial fits with (its run folder holds one folder per trial);
+        ``use_gpu`` fixes the device the search resolved once. Refuses bad values by the training job's rules."""
+        from jobs.train import TrainRun
+
+        device = self.device if use_gpu is None else ("gpu" if use_gpu else "cpu")
+        return TrainRun(self.experiment_dir / "trial_runs", device=device, max_failures=self.max_failures,
+                        overlays_per_epoch=0, tile_actors_per_worker=self.tile_actors_per_worker,
+                        torch_threads=self.torch_threads)
 
     def metric_name(self) -> str:
         from dual_attention.training import primary_validation_key  # torch: not at import (fast --help)
@@ -175,7 +186,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     from ray.tune.schedulers import ASHAScheduler
 
     from jobs import tracking
-    from jobs.train import cluster_has_gpu, init_ray, prepare_cohort
+    from jobs.train import init_ray, prepare_cohort
     from tune import results as results_mod
     from tune.cleanup import ReleaseStoppedTrials, start_ledger
     from tune.mlflow_runs import (
@@ -196,7 +207,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     epochs = base.train.epochs
 
     init_ray()
-    use_gpu = {"auto": cluster_has_gpu(), "gpu": True, "cpu": False}[settings.device]
+    use_gpu = settings.trial_run().use_gpu()  # asked once: every trial gets the same answer
     per_trial = trial_resources(base.train.num_workers, settings.tile_actors_per_worker, use_gpu)
     concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), per_trial)
     gpus = f", {per_trial['GPU']:g} GPU" if use_gpu else ""
@@ -223,9 +234,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
         print(f"[tune] skipped slide {skipped['slide_id']} ({skipped['path']}): {skipped['reason']}", flush=True)
     ledger_name = _ledger_name(experiment_dir)
     ledger = start_ledger(ledger_name)
-    job = TrialJob(space=space, cohort=cohort, trial_runs_dir=str(experiment_dir / "trial_runs"), use_gpu=use_gpu,
-                   max_failures=settings.max_failures, tile_actors_per_worker=settings.tile_actors_per_worker,
-                   ledger_name=ledger_name)
+    job = TrialJob(space=space, cohort=cohort, run=settings.trial_run(use_gpu), ledger_name=ledger_name)
     trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), {"CPU": per_trial["CPU"]})
 
     if resume:
@@ -342,16 +351,14 @@ def _searcher(settings: SearchSettings, space: SearchSpace, max_concurrent: int)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from dual_attention.config import add_config_flags
+    from jobs.train import add_run_flags
+
     parser = argparse.ArgumentParser(prog=prog or "python -m tune.search", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", help="cohort manifest.parquet (required unless --resume)")
-    parser.add_argument("--preset", default="cpu-small", help="base config preset: paper-her2, paper-mmr, cpu-small")
-    parser.add_argument("--task", choices=("her2", "mmr"), help="switch the preset's task")
-    parser.add_argument("--config", help="base config YAML (full, or 'preset: NAME' plus changes)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="base config override, repeatable (e.g. --set train.steps_per_epoch=2)")
-    parser.add_argument("--epochs", type=int, help="train.epochs of every trial (ASHA's max_t)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers per trial (train.num_workers)")
+    # the base config (--epochs: every trial's, ASHA's max_t); --mode here is the metric's direction
+    add_config_flags(parser, shortcuts=("--epochs", "--num-workers", "--val-fold"))
     parser.add_argument("--space", help=f"search space YAML (default {DEFAULT_SPACE_PATH.name})")
     parser.add_argument("--num-samples", type=int, default=8, help="trials")
     parser.add_argument("--searcher", choices=("random", "optuna"), default="random")
@@ -367,18 +374,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue a stopped search")
     parser.add_argument("--restart-errored", action="store_true", help="with --resume: rerun errored trials too")
     parser.add_argument("--seed", type=int, default=0, help="searcher seed")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1)
-    parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts inside a trial")
     parser.add_argument("--train-poll-s", type=float, help="seconds between Ray Train's polls of its workers "
                                                            "(Ray's default 2; lower for short test epochs)")
-    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <experiment>/cache)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
-                                             "experiment folder)")
-    parser.add_argument("--experiment", default="dual-attention-tune", help="MLflow experiment name")
-    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
-    parser.add_argument("--model-alias", default="best-search")
-    parser.add_argument("--no-register", action="store_true", help="do not register the best trial's model")
+    # the run folder is the experiment folder; the model registered is the best trial's
+    add_run_flags(parser, experiment="dual-attention-tune", model_alias="best-search", max_failures=0)
     return parser
 
 
@@ -388,13 +387,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         raise ConfigError("--manifest is required for a new search")
     if not Path(args.manifest).is_file():
         raise ConfigError(f"--manifest {args.manifest}: no such file")
-    base = DualAttentionConfig.from_yaml(args.config) if args.config else preset(args.preset, task=args.task)
-    overrides = list(args.set)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.num_workers is not None:
-        overrides.append(f"train.num_workers={args.num_workers}")
-    base = base.with_overrides(overrides)
+    base = config_from_flags(args)
     space_path = Path(args.space) if args.space else DEFAULT_SPACE_PATH
     try:
         space_data = yaml.safe_load(space_path.read_text())
@@ -410,17 +403,20 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
             raise ConfigError(f"{flag} must be {'> 1' if flag == '--reduction-factor' else '>= 1'}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
-    return SearchSettings(
+    settings = SearchSettings(
         manifest=str(Path(args.manifest).resolve()), base_config=base.to_dict(), space=space_data,
         space_source=str(space_path), storage_path=str(Path(args.storage_path).resolve()),
         name=args.name or f"{datetime.now():%Y%m%d-%H%M%S}-{base.task}", num_samples=args.num_samples,
         searcher=args.searcher, metric=args.metric, mode=args.mode, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, seed=args.seed,
-        device=args.device, tile_actors_per_worker=args.tile_actors_per_worker, max_failures=args.max_failures,
+        device=args.device, tile_actors_per_worker=args.tile_actors_per_worker, torch_threads=args.torch_threads,
+        max_failures=args.max_failures,
         train_poll_interval_s=args.train_poll_s, cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir
         else None, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
     )
+    settings.trial_run()  # the trials' run settings, refused now by the training job's rules
+    return settings
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
