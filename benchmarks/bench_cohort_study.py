@@ -59,7 +59,8 @@ from jobs.baselines import (  # noqa: E402
     save_sliding_window_model,
     train_sliding_window,
 )
-from jobs.evaluate import RaySession, evaluate_rows, load_slide_input, select_rows  # noqa: E402
+from jobs.evaluate import evaluate_rows, load_slide_input, select_rows  # noqa: E402
+from jobs.ray_runtime import RaySession  # noqa: E402
 
 METHODS = ("dual-attention", "random-sampling", "sliding-window")
 
@@ -428,7 +429,7 @@ def main() -> None:
     started = time.perf_counter()
     results = []
     giga = None
-    with RaySession():
+    with RaySession(log_to_driver=False):
         pool = TilePool(num_actors=args.num_readers)
         try:
             if args.giga_only:

@@ -4,7 +4,7 @@ training step. Prints markdown tables (paste into benchmarks/RESULTS.md, section
     .venv/bin/python benchmarks/bench_learning.py                  # defaults below, ~10 min on 2 cores
     .venv/bin/python benchmarks/bench_learning.py --seeds 0 1 --agent-steps 100 --sam-steps 80   # quick
 
-1. Agent alone, label visible only in the top-left 24 px of a 64 px tile (dual_attention.toy_tasks):
+1. Agent alone, label visible only in the top-left 24 px of a 64 px tile (dual_attention.synthetic.toy_tasks):
    accuracy and share of tiles with a glimpse on the label, before/after, per seed; figure of the glimpse
    locations before/after.
 2. SAM alone through pipeline.training_step (separate mode, SAM phase), toy slides whose label shows
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from dual_attention.config import preset  # noqa: E402
 from dual_attention.models import DualAttentionModel  # noqa: E402
 from dual_attention.pipeline import attention_map_of  # noqa: E402
-from dual_attention.toy_tasks import (  # noqa: E402
+from dual_attention.synthetic.toy_tasks import (  # noqa: E402
     AGENT_TILE_PX,
     LABEL_REGION_PX,
     glimpses_in_label_region,

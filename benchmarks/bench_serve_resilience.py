@@ -318,9 +318,12 @@ def wait_healthy(prefix: str, deployment: str | None, expected: int, before: lis
     return spawned_at, None
 
 
-def kill_part(url: str, window_s: float, kill_after_s: float, deadline_s: float) -> list[dict]:
+def kill_part(url: str, window_s: float, kill_after_s: float, deadline_s: float,
+              targets: list[str] | None = None) -> list[dict]:
     rows = []
     for label, prefix, deployment in TARGETS:
+        if targets and label not in targets:
+            continue
         pids = pids_titled(prefix)
         expected = len(pids)
         if deployment is not None:
@@ -413,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-hostile", action="store_true")
     parser.add_argument("--skip-kills", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--kill", action="append", choices=[t[0] for t in TARGETS],
+                        help="kill only this target (repeatable; default: every target)")
+    parser.add_argument("--no-proxy-retry", action="store_true",
+                        help="start Serve's proxy without serve.proxy_retry's middleware (the 'before' of issue 14.3)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -426,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    from serve.settings import patient_serve_proxy
+
+    if args.no_proxy_retry:
+        os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = ""
+    patient_serve_proxy()  # as `dual-attention serve` starts it: the proxy's middleware, its readiness wait
     import ray
     from bench_serve import free_port, prepare
     from ray import serve
@@ -441,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "quick": args.quick,
+                    "proxy_retry": not args.no_proxy_retry,
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": {"cores": os.cpu_count(), "load_average_start": load_start}}
     try:
@@ -458,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_kills:
             print("2. replica kills", flush=True)
             result["kills"] = kill_part(url, args.kill_window_s, kill_after_s=args.kill_window_s / 3,
-                                        deadline_s=deadline_s)
+                                        deadline_s=deadline_s, targets=args.kill)
     finally:
         result["machine"]["load_average_end"] = os.getloadavg()
         serve.shutdown()

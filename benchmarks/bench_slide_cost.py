@@ -6,12 +6,18 @@
   before issue 12 (``no_grad``, full-resolution activations); ``tiled-N`` is scoring's path now
   (``inference_mode``, logits in N x N tiles with a receptive-field halo, channels-last, running-max
   pool); ``-nchw`` and ``-maxpool2d`` switch one or both of the two speed-ups off.
+* ``score``: warm scoring (model loaded, one warm-up slide first) of synthetic pyramid slides from 10 MP to
+  3.2 GP, dense and sparse tissue, written with the project's own writer (``synthetic.write_pyramid``) and
+  cached in ``--slide-dir``: per-stage milliseconds (``jobs.score`` profile, median of ``--score-repeats``),
+  process CPU seconds, peak RSS, and each read stage beside its floor (its pixels ÷ the libjpeg-turbo decode
+  rate measured in the same process on the slide's own pixels).
 * ``thumbnail``: ``Slide.thumbnail(32)`` of a synthetic single-level tiled TIFF 16,384 px wide, through the
   reader before issue 12 (bands spanning the full level width, copied here) and the chunked reader,
   each in a fresh subprocess: peak RSS and seconds; the two thumbnails are checked equal.
 
     PYTHONPATH=$PWD nice -n 19 .venv/bin/python benchmarks/bench_slide_cost.py
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_slide_cost.py --only thumbnail --slide-height 4500
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_slide_cost.py --only score
 
 Writes benchmarks/results/slide_cost.json and prints a markdown table (benchmarks/RESULTS.md).
 """
@@ -145,6 +151,140 @@ def write_wide_tiff(path: Path, width: int, height: int) -> None:
                      compression="zlib", photometric="rgb")
 
 
+# Slides of the ``score`` section: name -> (level-0 width, height, tissue block side or None for dense).
+# Dense slides are one synthetic layout over the whole slide (35-60% tissue); a sparse slide is glass with
+# one synthetic layout of ``block`` x ``block`` px in it (the held-out 3.2-GP slide of issue 12 was sparse).
+COST_SLIDES: dict[str, tuple[int, int, int | None]] = {
+    "10MP-dense": (3_584, 2_816, None),
+    "100MP-dense": (11_264, 8_960, None),
+    "1GP-dense": (36_864, 28_672, None),
+    "3.2GP-sparse": (65_536, 49_152, 12_288),
+}
+
+
+def write_cost_slide(path: Path, width: int, height: int, block: int | None, seed: int = 12) -> None:
+    """A her2 3+ synthetic pyramid; ``block`` set: tissue only in a block x block square at (width/4, height/4)."""
+    import numpy as np
+
+    from dual_attention import synthetic
+
+    block_w, block_h = (width, height) if block is None else (block, block)
+    layout = synthetic.make_layout("her2", 3, seed, block_w, block_h)
+    x_off, y_off = (0, 0) if block is None else (width // 4, height // 4)
+    glass = synthetic.render_region(layout, -4 * synthetic.TILE_PX, -4 * synthetic.TILE_PX, 1, 1)[0, 0]
+
+    def render_strip(y0: int, rows: int) -> np.ndarray:
+        strip = np.empty((rows, width, 3), np.uint8)
+        strip[:] = glass
+        top, bottom = max(y0, y_off), min(y0 + rows, y_off + block_h)
+        for x0 in range(x_off, x_off + block_w, synthetic.RENDER_CHUNK_PX) if bottom > top else ():
+            cols = min(synthetic.RENDER_CHUNK_PX, x_off + block_w - x0)
+            strip[top - y0:bottom - y0, x0:x0 + cols] = synthetic.render_region(
+                layout, x0 - x_off, top - y_off, cols, bottom - top)
+        return strip
+
+    tmp = path.with_suffix(".partial")
+    synthetic.write_pyramid(tmp, width, height, render_strip, note="bench_slide_cost")
+    tmp.rename(path)
+
+
+def jpeg_decode_mp_per_cpu_s(region: Any) -> float:
+    """libjpeg-turbo's decode rate (through Pillow) on ``region`` encoded as the writer encodes tiles."""
+    import io
+
+    from PIL import Image
+
+    from dual_attention.synthetic import JPEG_QUALITY
+
+    buffer = io.BytesIO()
+    Image.fromarray(region).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    data = buffer.getvalue()
+    best = float("inf")
+    for _ in range(5):
+        started = time.process_time()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        best = min(best, time.process_time() - started)
+    return region.shape[0] * region.shape[1] / 1e6 / max(best, 1e-6)
+
+
+def child_score(path: str, preset_name: str, threads: str, repeats: str) -> dict[str, Any]:
+
+    import torch
+
+    from dual_attention.config import preset
+    from dual_attention.models import DualAttentionModel
+    from dual_attention.profiling import StageTimer
+    from dual_attention.slides import open_slide
+    from jobs.score import score_slide_path
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    config = preset(preset_name)
+    model = DualAttentionModel(config).eval()
+    score_slide_path(model, config, path, seed=0)  # warm-up: first-call costs are not a slide's
+    runs = []
+    for _ in range(int(repeats)):
+        timer = StageTimer()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        score, _, _ = score_slide_path(model, config, path, seed=0, timer=timer)
+        runs.append({"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
+                     "stages_ms": dict(timer.ms)})
+    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    tile_px = config.tile.tile_level0_px
+    with open_slide(path) as slide:
+        level = slide.thumbnail_level(config.slide.thumbnail_downsample)
+        level_w, level_h = slide.info.level_dimensions[level]
+        first = score.tiles[0].level0_box
+        region = slide.read_box(first)
+    decode_rate = jpeg_decode_mp_per_cpu_s(region)
+    thumbnail_mp = level_w * level_h / 1e6
+    tiles_mp = len(score.tiles) * tile_px * tile_px / 1e6
+    stages = median_run["stages_ms"]
+    return {"slide": Path(path).stem, "preset": preset_name, "threads": int(threads), "repeats": int(repeats),
+            "wall_s": round(median_run["wall_s"], 3), "cpu_s": round(median_run["cpu_s"], 3),
+            "wall_s_all_runs": [round(r["wall_s"], 3) for r in runs],
+            "stages_ms": {k: round(v, 1) for k, v in stages.items()},
+            "peak_rss_bytes": vm_hwm_bytes(), "jpeg_decode_mp_per_cpu_s": round(decode_rate, 1),
+            "thumbnail_level_mp": round(thumbnail_mp, 2), "tiles_mp": round(tiles_mp, 2),
+            "thumbnail_floor_ms": round(thumbnail_mp / decode_rate * 1000, 1),
+            "tile_reads_floor_ms": round(tiles_mp / decode_rate * 1000, 1),
+            "thumbnail_over_floor": round(stages["thumbnail"] / (thumbnail_mp / decode_rate * 1000), 2),
+            "tile_reads_over_floor": round(stages["tile_reads"] / (tiles_mp / decode_rate * 1000), 2),
+            "predicted_class": score.predicted_class, "level0_boxes": [list(t.level0_box.as_tuple()) for t in score.tiles]}
+
+
+def child_sliding_window(path: str, threads: str) -> dict[str, Any]:
+    """The sliding-window baseline at the paper's sizes (224² patches at 20x into a width-64 ResNet18,
+    untrained: the cost does not depend on the weights) on one slide, warm (one batch first), in-process."""
+    import torch
+
+    from dual_attention.slides import open_slide, tissue_mask
+    from dual_attention.sliding_window import (
+        ResNet18,
+        paper_config,
+        score_slide_sliding_window,
+        slide_patch_reader,
+    )
+
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    window = paper_config("her2")
+    resnet = ResNet18(4, window.resnet_width).eval()
+    with torch.no_grad():
+        resnet(torch.rand(window.batch_size, 3, window.patch_px, window.patch_px))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with open_slide(path) as slide, torch.no_grad():
+        low_power = slide.thumbnail(window.mask_downsample)
+        tissue = tissue_mask(low_power, min_area_thumb_px=4)
+        score = score_slide_sliding_window(resnet, low_power, slide.dimensions, slide.info.objective_power,
+                                           slide_patch_reader(slide, window), window, tissue)
+    return {"slide": Path(path).stem, "wall_s": round(time.perf_counter() - started, 2),
+            "cpu_s": round(time.process_time() - cpu_started, 2), "patches": score.n_patches,
+            "fraction_level0_read": round(score.fraction_level0_read, 4),
+            "timings_s": {k: round(v, 2) for k, v in score.timings_s.items()}, "peak_rss_bytes": vm_hwm_bytes()}
+
+
 # -- parent ------------------------------------------------------------------------------------------------
 
 
@@ -157,13 +297,68 @@ def run_child(*args: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_score_section(args: argparse.Namespace) -> dict[str, Any]:
+    slide_dir = Path(args.slide_dir)
+    slide_dir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
+    rows = []
+    print("| slide | preset | warm wall s | CPU s | thumbnail ms (floor) | tissue mask ms | soft attention ms | "
+          "tile reads ms (floor) | agent ms | peak RSS GiB |", flush=True)
+    for name in args.slides:
+        width, height, block = COST_SLIDES[name]
+        path = slide_dir / f"{name}.tiff"
+        if not path.exists():
+            started = time.perf_counter()
+            write_cost_slide(path, width, height, block)
+            print(f"wrote {name} ({width}x{height}) in {time.perf_counter() - started:.0f} s", flush=True)
+        for preset_name in args.presets:
+            row = run_child("score", str(path), preset_name, str(args.threads), str(args.score_repeats))
+            row["level0_px"] = [width, height]
+            row["gigapixels"] = round(width * height / 1e9, 3)
+            rows.append(row)
+            st = row["stages_ms"]
+            print(f"| {name} | {preset_name} | {row['wall_s']} | {row['cpu_s']} | {st['thumbnail']:.0f} "
+                  f"({row['thumbnail_floor_ms']:.0f}) | {st['tissue_mask']:.0f} | {st['soft_attention']:.0f} | "
+                  f"{st['tile_reads']:.0f} ({row['tile_reads_floor_ms']:.0f}) | {st['agent']:.0f} | "
+                  f"{gib(row['peak_rss_bytes'])} |", flush=True)
+    ratios = {}
+    for preset_name in args.presets:
+        by_slide = {r["slide"]: r for r in rows if r["preset"] == preset_name}
+        if "3.2GP-sparse" in by_slide and "100MP-dense" in by_slide:
+            ratios[preset_name] = round(by_slide["3.2GP-sparse"]["peak_rss_bytes"]
+                                        / by_slide["100MP-dense"]["peak_rss_bytes"], 3)
+    print("peak RSS 3.2 GP / 100 MP:", ratios)
+    # The sliding window on the same >= 1-GP slides, in the same run: its wall time over dual attention's
+    # (paper sizes both).
+    window_rows = []
+    for name in args.window_slides:
+        row = run_child("sliding-window", str(slide_dir / f"{name}.tiff"), str(args.threads))
+        paper = next((r for r in rows if r["slide"] == name and r["preset"] == "paper-her2"), None)
+        row["dual_attention_paper_wall_s"] = paper["wall_s"] if paper else None
+        row["sliding_window_over_dual_attention"] = round(row["wall_s"] / paper["wall_s"], 1) if paper else None
+        window_rows.append(row)
+        print(f"sliding window, paper sizes, {name}: {row['wall_s']} s ({row['patches']} patches, "
+              f"{100 * row['fraction_level0_read']:.1f}% of level 0) = {row['sliding_window_over_dual_attention']}x "
+              "dual attention", flush=True)
+    return {"threads": args.threads, "repeats": args.score_repeats, "load_average_start": load_at_start,
+            "load_average_end": os.getloadavg(), "rows": rows, "rss_3_2gp_over_100mp": ratios,
+            "sliding_window": window_rows}
+
+
 def gib(value: int) -> str:
     return f"{value / 2**30:.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["sam", "thumbnail"], default=None)
+    parser.add_argument("--only", choices=["sam", "thumbnail", "score"], default=None)
+    parser.add_argument("--slides", nargs="+", default=list(COST_SLIDES), choices=list(COST_SLIDES))
+    parser.add_argument("--slide-dir", default=str(Path(tempfile.gettempdir()) / "dual-attention-slide-cost"),
+                        help="where the score section's slides are written once and reused")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the score section")
+    parser.add_argument("--score-repeats", type=int, default=3)
+    parser.add_argument("--window-slides", nargs="*", default=["1GP-dense", "3.2GP-sparse"],
+                        choices=list(COST_SLIDES), help="slides the sliding window also scores (paper sizes)")
     parser.add_argument("--presets", nargs="+", default=["cpu-small", "paper-her2"])
     parser.add_argument("--sam-variants", nargs="+", default=SAM_VARIANTS)
     parser.add_argument("--slide-width", type=int, default=16_384)
@@ -174,7 +369,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = child_sam(*rest) if kind == "sam" else child_thumbnail(*rest)
+        child = {"sam": child_sam, "thumbnail": child_thumbnail, "score": child_score,
+                 "sliding-window": child_sliding_window}[kind]
+        result = child(*rest)
         print(json.dumps(result))
         return
 
@@ -210,6 +407,8 @@ def main() -> None:
         rows_equal = rows[0]["thumbnail_sha256"] == rows[1]["thumbnail_sha256"]
         print("thumbnails identical:", rows_equal)
         results["thumbnail"] = {"rows": rows, "identical": rows_equal}
+    if args.only == "score":  # minutes of slide writing the first time: asked for by name only
+        results["score"] = run_score_section(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

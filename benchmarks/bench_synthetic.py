@@ -26,7 +26,8 @@ from pathlib import Path
 
 def _one(size_px: int, out: Path) -> None:
     """Child: write one slide (or nothing when size is 0) and print its measurements as JSON."""
-    from dual_attention.synthetic import _pyramid_pixels, write_synthetic_slide
+    from dual_attention.synthetic import write_synthetic_slide
+    from dual_attention.synthetic.pyramid import _pyramid_pixels
 
     wall, cpu = time.perf_counter(), time.process_time()
     file_bytes, levels, mpp = 0, 0, None

@@ -348,7 +348,7 @@ def slide_patch_reader(slide: Slide, config: SlidingWindowConfig) -> ReadPatches
     def read(boxes: Sequence[Level0Box]) -> np.ndarray:
         if not boxes:
             return np.zeros((0, side, side, 3), dtype=np.uint8)
-        return np.stack([slide.read_box(box, out_px=(side, side)) for box in boxes])
+        return slide.read_boxes(boxes, out_px=(side, side))
 
     return read
 

@@ -100,8 +100,6 @@ def ensure_cohort(options: QuickstartOptions) -> Path:
 
 
 def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on 127.0.0.1 only
     from serve.settings import patient_serve_proxy
 
     patient_serve_proxy()
@@ -112,6 +110,7 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
     from dual_attention.config import preset
     from jobs import tracking
     from jobs.evaluate import evaluate_manifest
+    from jobs.ray_runtime import start_ray
     from jobs.train import TrainRun, run_training
     from serve.app import build_app
 
@@ -137,11 +136,14 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     # Worker output reaches this terminal (rank 0 prints one line per epoch: the training progress);
     # Ray's own INFO chatter does not. The dashboard is for you to watch, and Ray Train's placement-group
-    # cleaner needs it (without it, it warns every second).
-    context = ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host=LOCAL_HOST,
-                       dashboard_port=free_port(8265), _node_ip_address=LOCAL_HOST,
-                       logging_config=ray.LoggingConfig(log_level="WARNING"))
-    print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    # cleaner needs it (without it, it warns every second). A private instance whatever $RAY_ADDRESS says:
+    # everything the quickstart makes lives in its local work folder. Token authentication stays on, as
+    # Ray ships it (the dashboard asks for the token: `ray get-auth-token`).
+    dashboard_port = free_port(8265)
+    start_ray(address="local", num_cpus=8, include_dashboard=True, dashboard_host=LOCAL_HOST,
+              dashboard_port=dashboard_port, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    token_hint = "" if os.environ.get("RAY_AUTH_MODE") == "disabled" else " (its token: `ray get-auth-token`)"
+    print(f"Ray dashboard: http://{LOCAL_HOST}:{dashboard_port}{token_hint}", flush=True)
     try:
         with _step(steps, "train", f"Ray Train, {options.num_workers} workers, joint loss, "
                                    f"{options.epochs} epochs (preprocessing first)") as detail:

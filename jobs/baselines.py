@@ -50,7 +50,6 @@ from dual_attention.sliding_window import (
 )
 from jobs.evaluate import (
     EvaluationReport,
-    RaySession,
     evaluate_manifest,
     fold_list,
     metrics_from_predictions,
@@ -59,6 +58,7 @@ from jobs.evaluate import (
     set_torch_threads,
     slide_seed,
 )
+from jobs.ray_runtime import RaySession
 
 SLIDING_WINDOW_MODEL_FILE = "sliding_window_resnet18.pt"
 
@@ -234,7 +234,7 @@ def run_sliding_window(manifest_path: str | Path, out_dir: str | Path, train_fol
     rows_all = select_rows(manifest_path, task=task)  # refuses a mixed-task manifest by name
     test_rows = select_rows(manifest_path, test_folds, task=task)
     out_dir = Path(out_dir)
-    with RaySession():
+    with RaySession(log_to_driver=False):
         own_pool = pool is None
         pool = pool or TilePool(num_actors=num_readers)
         try:

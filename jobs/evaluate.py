@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import ReadTiles, SlideScore, score_slide, slide_seed
 from dual_attention.slides import open_slide, tissue_mask
+from jobs.ray_runtime import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
 
@@ -261,48 +261,16 @@ def _add_tile_records(report: EvaluationReport, slide_id: str, score: SlideScore
 
 def _write_overlay(overlay_dir: Path, slide_id: str, row: dict[str, Any], inputs: SlideInput, score: SlideScore,
                    config: DualAttentionConfig, method: str) -> None:
-    from jobs.overlays import save_slide_score_overlay
+    from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
 
+    with open_slide(row["path"]) as slide:  # each tile at inset size, from the pyramid level that fits
+        previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
     names = config.class_names
     title = (f"{slide_id} ({method}): true {names[int(row['label'])]}, predicted {score.predicted_label} "
              f"({score.confidence:.2f}), {100 * score.fraction_level0_read:.2f}% of level 0 read")
     save_slide_score_overlay(overlay_dir / f"{slide_id}.png", inputs.thumbnail, score,
-                             config.slide.thumbnail_downsample, title=title, class_names=names)
-
-
-# -- Ray -----------------------------------------------------------------------------------------------------
-
-
-class RaySession:
-    """Joins the Ray cluster that ``address`` or ``$RAY_ADDRESS`` names (a submitted Ray job has it set),
-    else starts a local instance of its own, unless Ray is already initialised; shuts down only what this
-    object started."""
-
-    def __init__(self, num_cpus: int | None = None, address: str | None = None) -> None:
-        import ray
-
-        self.started = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            # Without an address, "local": always a fresh instance of our own, never a `ray start` cluster
-            # that happens to run on this machine.
-            address = address or os.environ.get("RAY_ADDRESS") or None
-            kwargs["address"] = address or "local"
-            if not address:
-                # Logical CPUs: reader actors take 0.5 each and mostly wait on I/O; 2 physical cores suffice.
-                kwargs["num_cpus"] = num_cpus or max(4, os.cpu_count() or 1)
-            ray.init(**kwargs)
-            self.started = True
-
-    def __enter__(self) -> RaySession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
+                             config.slide.thumbnail_downsample, title=title, class_names=names, tile_images=previews,
+                             glimpse_level0_px=config.agent.glimpse_px)
 
 
 def evaluate_manifest(
@@ -338,7 +306,7 @@ def evaluate_manifest(
         raise ValueError("evaluate_manifest: a model passed directly needs its config")
     rows = select_rows(manifest_path, folds, task=config.task)
     out_dir = Path(out_dir)
-    with RaySession():
+    with RaySession(log_to_driver=False):
         own_pool = pool is None
         pool = pool or TilePool(num_actors=num_readers)
         try:

@@ -24,8 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from dual_attention import slides as slides_module
 from dual_attention.config import ConfigError, DualAttentionConfig, SlideConfig, preset
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.slides import SlideError, open_slide, tissue_mask
+from jobs.ray_runtime import RaySession
 
 EXIT_ALL_DONE = 0
 EXIT_NONE_DONE = 1
@@ -182,22 +182,6 @@ def _entry_or_error(path: str, params: ThumbnailParams, cache_dir: str | None, r
 # -- many slides, Ray tasks ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _ray_running() -> Iterator[None]:
-    """Use the Ray the caller started (or the job's cluster); otherwise start a local one for this call."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def preprocess_slides(
     paths: Sequence[str | Path],
     config: DualAttentionConfig | SlideConfig | ThumbnailParams,
@@ -217,8 +201,8 @@ def preprocess_slides(
     cache = None if cache_dir is None else str(cache_dir)
     paths = [os.path.abspath(str(p)) for p in paths]
     results: list[ThumbnailResult | None] = [None] * len(paths)
-    with _ray_running():
-        task = ray.remote(_entry_or_error).options(num_cpus=task_num_cpus, max_retries=1)
+    with RaySession(log_to_driver=False):
+        task = ray.remote(_entry_or_error).options(name="preprocess_slide", num_cpus=task_num_cpus, max_retries=1)
         limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / task_num_cpus))
         pending: dict[Any, int] = {}
         next_index = 0

@@ -22,7 +22,10 @@ batch the driver receives (so a stopped job keeps what it finished):
   ``prob_<class>``, confidence, fraction of level 0 read, per-stage seconds, model name and version) or
   "error" with ``error`` (the exception's type and message; a bad slide never stops the job);
 - ``tiles/part-RRR-BBBBB.parquet``: one row per scored tile: level-0 box, attention weight, class,
-  ``prob_<class>`` and the glimpse trail (level-0 x and y lists).
+  ``prob_<class>`` and the glimpse trail (level-0 x and y lists);
+- ``geojson/<slide_id>.geojson``: per scored slide, its tissue outline, attention regions, tiles and glimpse
+  boxes as a QuPath-importable FeatureCollection in level-0 px (``dual_attention.annotations``; the outlines
+  are drawn in stage 1, where the tissue mask and attention map are; ``--no-geojson`` skips them).
 
 Re-running with the same ``--out`` resumes: slides that already have a row are skipped (``--retry-errors``
 scores the failed ones again; ``read_scores`` keeps each slide's latest row). The output of another model,
@@ -38,13 +41,21 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dual_attention.annotations import (
+    dumps,
+    feature_collection,
+    region_features,
+    slide_properties,
+    tile_features,
+)
 from dual_attention.config import DualAttentionConfig
 from dual_attention.manifest import SCORING_COLUMNS, ManifestError, read_manifest
 from dual_attention.pipeline import (
@@ -59,7 +70,7 @@ from dual_attention.slides import Level0Box, open_slide
 
 # Suffixes of the single-file slide formats OpenSlide reads (folder input); other files are ignored.
 SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".svslide", ".bif")
-SLIDES_DIR, TILES_DIR = "slides", "tiles"
+SLIDES_DIR, TILES_DIR, GEOJSON_DIR = "slides", "tiles", "geojson"
 NO_LABEL = -1  # Ray Data blocks need one type per column: an unlabelled slide carries -1, written as null
 
 
@@ -148,6 +159,23 @@ def _write_part(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
+def geojson_path(out_dir: str | Path, slide_id: str) -> Path:
+    """``OUT/geojson/<slide_id>.geojson``; a slide id from a folder keeps its sub-folders, one that would
+    leave the folder (absolute, ``..``) is written with its characters %-escaped instead."""
+    parts = PurePosixPath(slide_id).parts
+    if not parts or PurePosixPath(slide_id).is_absolute() or ".." in parts or "\\" in slide_id:
+        return Path(out_dir) / GEOJSON_DIR / f"{quote(slide_id, safe='')}.geojson"
+    return Path(out_dir, GEOJSON_DIR, *parts[:-1], f"{parts[-1]}.geojson")
+
+
+def _write_text(text: str, path: Path) -> None:
+    """As ``_write_part``: through a temporary name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _remove_orphan_tile_parts(out_dir: Path) -> None:
     """A part's tiles are written before its slides; tiles without slides are from a job stopped in between,
     whose slides will be scored again, so they go (else their tiles would appear twice)."""
@@ -171,6 +199,9 @@ class StageSettings:
     sampler: str
     seed: int
     cache_dir: str | None = None
+    # GeoJSON annotations per slide (outlines in stage 1, tiles and glimpses in stage 3); the cohort job turns
+    # it on, other users of the stages (evaluation) need not pay for it.
+    geojson: bool = False
 
 
 class ProposeStage:
@@ -186,6 +217,7 @@ class ProposeStage:
         settings, config = self.settings, self.settings.config
         seed = slide_seed(settings.seed, row["slide_id"])
         out = {**row, "slide_seed": seed, "status": "ok", "error": "", "boxes": "[]", "attention": "[]",
+               "regions": "[]",
                "width_level0_px": 0, "height_level0_px": 0, "thumbnail_s": float("nan"),
                "propose_s": float("nan"), "read_s": float("nan"), "tiles": b"", "n_tiles": 0}
         try:
@@ -200,6 +232,9 @@ class ProposeStage:
                     "attention": json.dumps([float(w) for w in proposal.attention_weights]),
                     "width_level0_px": inputs.level0_dims[0], "height_level0_px": inputs.level0_dims[1],
                     "thumbnail_s": inputs.thumbnail_s, "propose_s": time.perf_counter() - started}
+            if settings.geojson:  # the attention map stays here: only its outlines travel on
+                out["regions"] = json.dumps(region_features(
+                    inputs.tissue_mask, proposal.attention_map, config.slide.thumbnail_downsample, inputs.level0_dims))
         except Exception as error:  # noqa: BLE001 - a bad slide becomes an error row, never a failed job
             out |= _error_fields(error)
         return out
@@ -217,7 +252,7 @@ def read_tiles_stage(row: dict[str, Any]) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         with open_slide(row["path"]) as slide:
-            tiles = np.stack([slide.read_box(box) for box in _boxes(row)])
+            tiles = slide.read_boxes(_boxes(row))
         return {**row, "tiles": tiles.tobytes(), "n_tiles": len(tiles), "read_s": time.perf_counter() - started}
     except Exception as error:  # noqa: BLE001 - as in stage 1
         return {**row, **_error_fields(error)}
@@ -240,10 +275,10 @@ class AgentStage:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         config = self.settings.config
         names = config.class_names
-        out = {k: v for k, v in row.items() if k not in ("tiles", "boxes", "attention")}
+        out = {k: v for k, v in row.items() if k not in ("tiles", "boxes", "attention", "regions")}
         out |= {"predicted_class": -1, "predicted_label": "", "confidence": float("nan"), "level0_pixels_read": 0,
                 "fraction_level0_read": float("nan"), "agent_s": float("nan"), "tile_records": "[]",
-                "model_name": self.model_name or "", "model_version": self.model_version or "",
+                "geojson": "", "model_name": self.model_name or "", "model_version": self.model_version or "",
                 "sampler": self.settings.sampler, "seed": self.settings.seed}
         out |= {f"prob_{name}": float("nan") for name in names}
         if row["status"] != "ok":
@@ -275,6 +310,11 @@ class AgentStage:
             record |= {f"prob_{name}": float(p) for name, p in zip(names, tile.class_probabilities, strict=True)}
             records.append(record)
         out["tile_records"] = json.dumps(records)
+        if self.settings.geojson:
+            features = json.loads(row["regions"]) + tile_features(score.tiles, names, config.agent.glimpse_px)
+            out["geojson"] = dumps(feature_collection(features, slide_properties(
+                score, names, slide_id=row["slide_id"],
+                model={"name": self.model_name, "version": self.model_version})))
         return out
 
 
@@ -350,11 +390,11 @@ def _agent_resources(concurrency: int) -> dict[str, float]:
 def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[str, Any]], out_dir: str | Path, *,
                  model_name: str | None = None, model_version: str | None = None, sampler: str = "attention",
                  seed: int = 0, concurrency: int = 1, propose_actors: int = 1, retry_errors: bool = False,
-                 cache_dir: str | None = None, progress: bool = True) -> CohortReport:
+                 cache_dir: str | None = None, progress: bool = True, geojson: bool = True) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
-    starts one as the other jobs do (``RaySession``), and only when there is something to score."""
-    from jobs.evaluate import RaySession
+    starts one by the jobs' one rule (``jobs.ray_runtime``), and only when there is something to score."""
+    from jobs.ray_runtime import RaySession
 
     if sampler not in ("attention", "random"):
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
@@ -369,20 +409,21 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
     report = CohortReport(out_dir=out_dir, total=len(rows), skipped=len(rows) - len(todo), failures=[])
     if not todo:
         return report
-    with RaySession():
+    with RaySession(log_to_driver=False):
         _run_pipeline(model, config, todo, out_dir, report, model_name=model_name, model_version=model_version,
                       sampler=sampler, seed=seed, concurrency=concurrency, propose_actors=propose_actors,
-                      cache_dir=cache_dir, progress=progress)
+                      cache_dir=cache_dir, progress=progress, geojson=geojson)
     return report
 
 
 def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, Any]], out_dir: Path,
                   report: CohortReport, *, model_name: str | None, model_version: str | None, sampler: str,
-                  seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool) -> None:
+                  seed: int, concurrency: int, propose_actors: int, cache_dir: str | None, progress: bool,
+                  geojson: bool) -> None:
     import ray
 
     run = 1 + max((int(p.name.split("-")[1]) for p in _parts(out_dir, SLIDES_DIR)), default=0)
-    settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir)
+    settings = StageSettings(config=config, sampler=sampler, seed=seed, cache_dir=cache_dir, geojson=geojson)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
 
@@ -401,6 +442,9 @@ def _run_pipeline(model: Any, config: DualAttentionConfig, todo: list[dict[str, 
     for batch_index, batch in enumerate(_batches(ds)):
         slides, tiles = result_tables(batch, config.class_names, run)
         name = f"part-{run:03d}-{batch_index:05d}.parquet"
+        for row in batch:  # before the slide rows: a slide with a row has its GeoJSON
+            if row.get("geojson"):
+                _write_text(row["geojson"], geojson_path(out_dir, row["slide_id"]))
         _write_part(tiles, out_dir / TILES_DIR / name)  # tiles first: see _remove_orphan_tile_parts
         _write_part(slides, out_dir / SLIDES_DIR / name)
         for row in slides.to_pylist():
@@ -439,6 +483,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--retry-errors", action="store_true", help="score slides that failed before again")
     parser.add_argument("--cache-dir", default=None, help="thumbnail/tissue-mask cache of jobs.preprocess")
     parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
+    parser.add_argument("--no-geojson", action="store_true",
+                        help="skip the per-slide GeoJSON annotations (OUT/geojson/<slide_id>.geojson)")
     parser.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")
     return parser
 
@@ -459,7 +505,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         report = score_cohort(model, config, rows, args.out, model_name=model_name, model_version=meta["version"],
                               sampler=args.sampler, seed=args.seed, concurrency=args.concurrency,
                               propose_actors=args.propose_actors, retry_errors=args.retry_errors,
-                              cache_dir=args.cache_dir, progress=not args.quiet)
+                              cache_dir=args.cache_dir, progress=not args.quiet, geojson=not args.no_geojson)
     except (ManifestError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

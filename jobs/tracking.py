@@ -270,7 +270,7 @@ def score_slide_file(model: Any, config: Any, slide_path: str, seed: int) -> dic
         mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
 
         def read_tiles(boxes: Any) -> np.ndarray:
-            return np.stack([slide.read_box(box) for box in boxes])
+            return slide.read_boxes(boxes)
 
         with torch.no_grad():
             score = score_slide(model, thumbnail, mask, tuple(slide.dimensions), read_tiles, config, seed)

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from dual_attention.config import DualAttentionConfig
+from jobs.ray_runtime import start_ray
 
 OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
 DEVICES = ("auto", "cpu", "gpu")
@@ -159,6 +160,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config, run, val_fold = job.config, job.run, job.val_fold
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Where Ray placed each worker (the workers SPREAD over the nodes; the cluster recipe test reads this).
+    print(f"[train] worker {rank + 1}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
     torch.set_num_threads(run.torch_threads)
 
@@ -369,22 +372,6 @@ def prepare_cohort(manifest_path: str | Path, config: DualAttentionConfig, cache
     return PreparedCohort(slides=slides, arrays_refs=refs, skipped=skipped)
 
 
-def init_ray() -> None:
-    """Attach to the cluster a Ray job runs in (``RAY_ADDRESS``) or a local ``ray start`` cluster; else
-    start a local one with logical CPUs for 2 workers + tile readers on a small machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    from ray._private.services import canonicalize_bootstrap_address
-
-    if canonicalize_bootstrap_address(None) is not None:
-        ray.init()
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-
-
 def cluster_has_gpu() -> bool:
     import ray
 
@@ -450,7 +437,10 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": FoldJob(config, cohort, run, val_fold)},
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu),
+        # SPREAD: on a cluster the workers go to different nodes where they fit (each reads its own tiles,
+        # so the nodes' disks and cores add up); on one node it places them as PACK would.
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu,
+                                     placement_strategy="SPREAD"),
         run_config=RunConfig(
             name=f"fold{val_fold}",
             storage_path=str((Path(run.run_dir) / "ray").resolve()),
@@ -630,7 +620,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run: TrainRu
     config.to_yaml(run_dir / "config.yaml")
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
-    init_ray()
+    start_ray()
 
     cache = run.cache
     started = time.perf_counter()

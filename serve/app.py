@@ -8,9 +8,9 @@ Run it with any of:
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
-``jobs.tile_plane``); recent overlays are PNGs in the work folder (``serve.overlay_store``), so any
-ingress replica can answer for them and the ingress runs several replicas. The two model stages scale on
-their own.
+``jobs.tile_plane``); recent overlays (PNG) and GeoJSON annotations are files in the work folder
+(``serve.overlay_store``), so any ingress replica can answer for them and the ingress runs several
+replicas. The two model stages scale on their own.
 
 Each scoring request has a deadline (``request_deadline_s``): it bounds the wait on every stage and is
 checked between them, so a request never waits on a stuck stage past it (HTTP 504). A model-stage call
@@ -36,6 +36,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate
 from jobs.score import calibration_dict
@@ -49,12 +50,14 @@ from serve.schemas import (
     Level0BoxOut,
     ModelInfo,
     ScoreResponse,
+    ServingProfile,
     SlideCalibration,
     StageTimings,
     TileOut,
 )
 from serve.settings import ServeSettings
 from serve.stages import (
+    HARD_BATCH_WAIT_S,
     DeadlineExceeded,
     HardAttentionStage,
     HardResult,
@@ -78,9 +81,11 @@ class ScoringIngress:
         self.hard = hard
         self.settings = settings
         self.overlays = OverlayStore(settings.overlay_dir, settings.overlay_cache_size)
+        self.geojsons = OverlayStore(settings.overlay_dir, settings.overlay_cache_size, suffix=".geojson")
         self._tile_pool: TilePool | None = None  # started on the first scoring request
         self._tile_pool_lock = threading.Lock()
         self._described: dict[str, Any] | None = None
+        self._model: tuple[ModelInfo, DualAttentionConfig] | None = None  # built once from _described
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_http_app(self, self.settings)
@@ -105,11 +110,17 @@ class ScoringIngress:
         return self._described
 
     async def model_info(self) -> ModelInfo:
-        described = await self._describe()
-        config = DualAttentionConfig.from_dict(described["config"])
-        return ModelInfo(name=described["name"], version=described["version"], alias=described["alias"],
-                         uri=described["uri"], task=config.task, class_names=list(config.class_names),
-                         config_digest=described["config_digest"], preset=config.preset)
+        return (await self._served_model())[0]
+
+    async def _served_model(self) -> tuple[ModelInfo, DualAttentionConfig]:
+        if self._model is None:
+            described = await self._describe()
+            config = DualAttentionConfig.from_dict(described["config"])
+            info = ModelInfo(name=described["name"], version=described["version"], alias=described["alias"],
+                             uri=described["uri"], task=config.task, class_names=list(config.class_names),
+                             config_digest=described["config_digest"], preset=config.preset)
+            self._model = (info, config)
+        return self._model
 
     async def health(self) -> HealthResponse:
         try:
@@ -155,19 +166,20 @@ class ScoringIngress:
 
     # -- scoring ---------------------------------------------------------------------------------------
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse:
+                    seed: int, overlay: bool, is_upload: bool, received_at: float, geojson: bool = False
+                    ) -> ScoreResponse:
         """``received_at``: ``time.perf_counter()`` when the route started (before path checks or the
         upload), so ``validate_s`` and ``total_s`` include them."""
         validate_s = time.perf_counter() - received_at
         deadline = received_at + self.settings.request_deadline_s
-        info = await self._call_stage(self.model_info, "model", deadline)
-        config = DualAttentionConfig.from_dict((await self._describe())["config"])
+        info, config = await self._call_stage(self._served_model, "model", deadline)
         n_glimpses = n_glimpses or config.agent.n_glimpses
 
         start = time.perf_counter()
         soft: SoftResult = await self._call_stage(
             lambda: self.soft.propose.remote(str(slide_path), n_tiles, seed, keep_thumbnail=overlay,
-                                             cache_handle=not is_upload), "soft-attention", deadline)
+                                             cache_handle=not is_upload, outlines=geojson),
+            "soft-attention", deadline)
         soft_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -190,17 +202,42 @@ class ScoringIngress:
         overlay_url = None
         start = time.perf_counter()
         if overlay and soft.thumbnail is not None:
-            from jobs.overlays import overlay_png_bytes  # matplotlib: imported on first use only
+            from dual_attention.overlays import overlay_png_bytes  # matplotlib: imported on first use only
 
-            # Rendered now and stored on disk: the GET may reach another ingress replica.
+            # Rendered now and stored on disk: the GET may reach another ingress replica. The insets are the
+            # tiles just read (level 0), scaled down.
             png = await self._stage(asyncio.to_thread(
                 overlay_png_bytes, soft.thumbnail, slide_score, config.slide.thumbnail_downsample,
-                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names),
-                "overlay", deadline)
+                f"{slide_name}: {slide_score.predicted_label} ({slide_score.confidence:.2f})", config.class_names,
+                list(tiles), config.agent.glimpse_px), "overlay", deadline)
             await asyncio.to_thread(self.overlays.put, score_id, png)
             overlay_url = f"/v1/overlay/{score_id}"
         overlay_s = time.perf_counter() - start
         slide_info = soft.slide_info
+        geojson_url = None
+        start = time.perf_counter()
+        if geojson and soft.region_features is not None:
+            features = soft.region_features + tile_features(slide_score.tiles, config.class_names,
+                                                            config.agent.glimpse_px)
+            collection = feature_collection(features, slide_properties(
+                slide_score, config.class_names, slide=slide_name, score_id=score_id,
+                model={"name": info.name, "version": info.version}))
+            # Stored like the overlay: the GET may reach another ingress replica.
+            await asyncio.to_thread(self.geojsons.put, score_id, dumps(collection).encode())
+            geojson_url = f"/v1/score/{score_id}/geojson"
+        geojson_s = time.perf_counter() - start
+        total_s = time.perf_counter() - received_at
+        soft_work_s = soft.thumbnail_s + soft.propose_s
+        stages_ms = {**soft.stages_ms, "tile_reads": tile_read_s * 1e3, "agent": hard.agent_s * 1e3,
+                     "aggregation": aggregate_s * 1e3}
+        if overlay_url is not None:
+            stages_ms["overlay"] = overlay_s * 1e3
+        if geojson_url is not None:
+            stages_ms["geojson"] = geojson_s * 1e3
+        serving_ms = {"validate": validate_s * 1e3, "soft_call": (soft_s - soft_work_s) * 1e3,
+                      "hard_call": (hard_s - hard.replica_s) * 1e3, "agent_queue": (hard.replica_s - hard.agent_s) * 1e3,
+                      "ingress": (total_s - validate_s - soft_s - tile_read_s - hard_s - aggregate_s - overlay_s
+                                 - geojson_s) * 1e3}
 
         return ScoreResponse(
             score_id=score_id,
@@ -223,11 +260,15 @@ class ScoringIngress:
             seed=seed,
             model=info,
             timings=StageTimings(validate_s=validate_s, soft_attention_s=soft_s, thumbnail_s=soft.thumbnail_s,
-                                 soft_attention_compute_s=soft.thumbnail_s + soft.propose_s,
+                                 soft_attention_compute_s=soft_work_s,
                                  tile_read_s=tile_read_s, hard_attention_s=hard_s, hard_attention_compute_s=hard.agent_s,
                                  agent_batch_tiles=hard.batch_tiles, aggregate_s=aggregate_s, overlay_s=overlay_s,
-                                 total_s=time.perf_counter() - received_at),
+                                 geojson_s=geojson_s, total_s=total_s),
+            profile=ServingProfile(stages_ms={k: round(v, 3) for k, v in stages_ms.items()},
+                                   serving_ms={k: round(v, 3) for k, v in serving_ms.items()},
+                                   total_ms=round(total_s * 1e3, 3)),
             overlay_url=overlay_url,
+            geojson_url=geojson_url,
         )
 
     def _read_tiles(self, slide_path: str, tile_level0_px: int, boxes: list) -> np.ndarray:
@@ -242,6 +283,9 @@ class ScoringIngress:
     async def overlay_png(self, score_id: str) -> bytes | None:
         return await asyncio.to_thread(self.overlays.get, score_id)
 
+    async def geojson_bytes(self, score_id: str) -> bytes | None:
+        return await asyncio.to_thread(self.geojsons.get, score_id)
+
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application builder for ``serve run serve.app:build_app key=value ...`` and the config YAML.
@@ -250,7 +294,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ``max_upload_mb``, ...). Serve-only keys: ``torch_threads`` (per model replica, default 1);
     ``soft_replicas`` / ``hard_replicas`` (a fixed replica count instead of autoscaling); ``ingress_replicas``
     (default: the deployment's, 2);
-    ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only); and
+    ``gpus_per_replica`` (e.g. 0.5: the model stages run on the GPU; default 0, CPU only);
+    ``hard_batch_wait_s`` (how long the agent's batch waits for more requests after its first, default
+    ``serve.stages.HARD_BATCH_WAIT_S``); and
     ``model_revision`` (ignored here: changing it makes ``serve deploy`` rebuild the app, which re-pins a
     moved alias)."""
     args = dict(args or {})
@@ -258,6 +304,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     soft_replicas, hard_replicas = args.pop("soft_replicas", None), args.pop("hard_replicas", None)
     ingress_replicas = args.pop("ingress_replicas", None)
     gpus = float(args.pop("gpus_per_replica", 0))
+    hard_batch_wait_s = float(args.pop("hard_batch_wait_s", HARD_BATCH_WAIT_S))
     args.pop("model_revision", None)
     if "model" in args:
         args["model_uri"] = args.pop("model")
@@ -272,7 +319,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                          max_thumbnail_decode_bytes=settings.max_thumbnail_decode_bytes)
     soft = _fixed(SoftAttentionStage, soft_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads,
                                                                 limits=limits)
-    hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads)
+    hard = _fixed(HardAttentionStage, hard_replicas, gpus).bind(model_ref, settings.tracking_uri, torch_threads,
+                                                                batch_wait_timeout_s=hard_batch_wait_s)
     ingress = ScoringIngress if ingress_replicas is None else ScoringIngress.options(num_replicas=int(ingress_replicas))
     return ingress.bind(soft, hard, settings)
 

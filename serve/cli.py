@@ -1,7 +1,8 @@
 """``dual-attention serve``: start the scoring service locally on 127.0.0.1 (also ``python -m serve``).
 
-Starts a local Ray instance (or joins ``--address``), Serve's HTTP proxy on 127.0.0.1:PORT, and the
-application of ``serve.app.build_app``; blocks until Ctrl-C, then shuts Serve down. The bearer token is
+Joins the Ray cluster that ``--address`` or ``$RAY_ADDRESS`` names, else starts a private local instance
+(the one rule of ``jobs.ray_runtime``); starts Serve's HTTP proxy on 127.0.0.1:PORT and the application of
+``serve.app.build_app``; blocks until Ctrl-C, then shuts Serve down. The bearer token is
 read from ``DUAL_ATTENTION_API_TOKEN`` only (a command-line token would show in ``ps``).
 """
 
@@ -37,7 +38,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per model replica (default 1)")
     parser.add_argument("--num-cpus", type=float, default=8,
                         help="logical CPUs of the local Ray instance (replicas take fractions; default 8)")
-    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (HOST:6379) instead of starting one (default: $RAY_ADDRESS)")
     parser.add_argument("--check", action="store_true",
                         help="start, wait until /v1/healthz answers, print it, and stop (a smoke test)")
     return parser
@@ -68,11 +70,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        # address="local": always a fresh instance, even when another `ray start` cluster runs here
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address=LOCAL_HOST)
+    from jobs.ray_runtime import RayAddressError, start_ray
+
+    try:
+        start_ray(address=args.address, num_cpus=args.num_cpus)
+    except RayAddressError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         # The proxy's own timeout (408) is a safety net behind the app's JSON 504 deadline, hence longer.
         proxy_timeout_s = (args.request_deadline_s or ServeSettings.request_deadline_s) + 60

@@ -8,9 +8,10 @@ work (``serve.app.ScoringIngress``). Routes:
 - ``POST /v1/score``              score a slide named relative to the slide root (JSON body)
 - ``POST /v1/score/upload``       score an uploaded slide (multipart, part ``file``)
 - ``GET  /v1/overlay/{score_id}`` PNG of a recent score asked for with ``?overlay=true``
+- ``GET  /v1/score/{score_id}/geojson`` GeoJSON (QuPath) of a recent score asked for with ``?geojson=true``
 
 Errors answer ``{"detail": message}``: 401 missing/wrong token, 403 path outside the slide root,
-404 unknown slide or overlay, 413 upload too large or slide over the server's size limits, 422 malformed
+404 unknown slide, overlay or GeoJSON, 413 upload too large or slide over the server's size limits, 422 malformed
 request, unsupported or corrupt slide, slide smaller than a tile, or no tissue, 503 (with ``Retry-After``)
 model not loaded or a backend failure (a replica or tile reader died, Serve back-pressure, a timeout),
 504 the request's deadline passed, 500 anything unexpected (logged; the service keeps serving).
@@ -37,6 +38,7 @@ from dual_attention.slides import SlideError
 from jobs.tile_plane import TilePoolError
 from serve.model_source import ModelLoadError
 from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
+from serve.proxy_retry import RETRY_AFTER_S
 from serve.redact import redact_paths
 from serve.schemas import ErrorResponse, HealthResponse, ModelInfo, ScoreRequest, ScoreResponse
 from serve.settings import ServeSettings
@@ -46,20 +48,25 @@ from serve.uploads import UploadError, UploadTooLarge, slide_upload
 logger = logging.getLogger("ray.serve")
 
 HEALTH_PATH = "/v1/healthz"
-RETRY_AFTER_S = 5  # a replaced replica or a drained queue is usually back within seconds
+GEOJSON_MEDIA_TYPE = "application/geo+json"  # RFC 7946
+GEOJSON_QUERY_HELP = ("keep a QuPath-importable GeoJSON (tissue, attention, tiles, glimpses in level-0 px), "
+                      "linked as geojson_url")
 
 
 class ScoringService(Protocol):
     """What the routes need from the ingress deployment."""
 
     async def score(self, slide_path: Path, slide_name: str, n_tiles: int | None, n_glimpses: int | None,
-                    seed: int, overlay: bool, is_upload: bool, received_at: float) -> ScoreResponse: ...
+                    seed: int, overlay: bool, is_upload: bool, received_at: float, geojson: bool = False
+                    ) -> ScoreResponse: ...
 
     async def model_info(self) -> ModelInfo: ...
 
     async def health(self) -> HealthResponse: ...
 
     async def overlay_png(self, score_id: str) -> bytes | None: ...
+
+    async def geojson_bytes(self, score_id: str) -> bytes | None: ...
 
 
 class ParameterError(ValueError):
@@ -206,13 +213,14 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(body: ScoreRequest,
-                    overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url")) -> Any:
+                    overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url"),
+                    geojson: bool = Query(False, description=GEOJSON_QUERY_HELP)) -> Any:
         received_at = time.perf_counter()
         try:
             check_bounds(body.n_tiles, body.n_glimpses)
             path = resolve_slide_path(settings.slide_root, body.slide)
             return await service.score(path, body.slide, body.n_tiles, body.n_glimpses, body.seed, overlay,
-                                       is_upload=False, received_at=received_at)
+                                       is_upload=False, received_at=received_at, geojson=geojson)
         except Exception as error:
             return error_response(error, slide_name=body.slide, known_paths=server_paths)
 
@@ -232,6 +240,7 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
         n_glimpses: int | None = Query(None, ge=1, description="glimpses per tile (T)"),
         seed: int = Query(0, ge=0, le=2**63 - 1),
         overlay: bool = Query(False, description="keep a PNG overlay, linked as overlay_url"),
+        geojson: bool = Query(False, description=GEOJSON_QUERY_HELP),
     ) -> Any:
         received_at = time.perf_counter()
         slide_name = None
@@ -242,7 +251,7 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
                 slide_name = upload.filename
                 known[str(upload.path)] = upload.filename  # the temporary copy, as the client named it
                 return await service.score(upload.path, upload.filename, n_tiles, n_glimpses, seed, overlay,
-                                           is_upload=True, received_at=received_at)
+                                           is_upload=True, received_at=received_at, geojson=geojson)
         except Exception as error:
             return error_response(error, slide_name=slide_name, known_paths=known)
 
@@ -258,5 +267,18 @@ def create_http_app(service: ScoringService, settings: ServeSettings) -> FastAPI
                                            f"{settings.overlay_cache_size} most recent, or not asked for (overlay=true)"},
                                 status_code=404)
         return Response(png, media_type="image/png")
+
+    @app.get("/v1/score/{score_id}/geojson", response_class=Response,
+             responses={200: {"content": {GEOJSON_MEDIA_TYPE: {}}}, 404: {"model": ErrorResponse}})
+    async def score_geojson(score_id: str) -> Response:
+        try:
+            text = await service.geojson_bytes(score_id)
+        except Exception as error:
+            return error_response(error, known_paths=server_paths)
+        if text is None:
+            return JSONResponse({"detail": f"no GeoJSON for score {score_id!r}: unknown, expired from the cache of "
+                                           f"{settings.overlay_cache_size} most recent, or not asked for (geojson=true)"},
+                                status_code=404)
+        return Response(text, media_type=GEOJSON_MEDIA_TYPE)
 
     return app

@@ -47,7 +47,23 @@ class StageTimings(BaseModel):
     agent_batch_tiles: int = Field(description="tiles in that batch (this request's and other requests')")
     aggregate_s: float
     overlay_s: float = Field(0.0, description="rendering and storing the overlay PNG (overlay=true only)")
+    geojson_s: float = Field(0.0, description="building and storing the GeoJSON in the ingress (geojson=true only)")
     total_s: float
+
+
+class ServingProfile(BaseModel):
+    """Milliseconds per stage of this request, the stage names of the ``score`` command's ``profile``, and what
+    serving added around them (handle round trips, serialisation, queues). Work happens in three processes,
+    so a stage's time is measured where it runs."""
+
+    stages_ms: dict[str, float] = Field(description="open, thumbnail, tissue_mask, soft_attention, sampling (soft "
+                                                    "stage); tile_reads, aggregation, overlay (ingress); agent "
+                                                    "(the hard stage's batch that held these tiles)")
+    serving_ms: dict[str, float] = Field(description="validate (path checks or upload), soft_call and hard_call "
+                                                     "(handle round trip minus the replica's work: transfer, routing, "
+                                                     "queues), agent_queue (waiting in the hard stage's batch queue), "
+                                                     "ingress (the rest of the ingress's time)")
+    total_ms: float = Field(description="in the ingress, from the route's start to the answer's creation")
 
 
 class SlideCalibration(BaseModel):
@@ -91,7 +107,10 @@ class ScoreResponse(BaseModel):
     seed: int
     model: ModelInfo
     timings: StageTimings
+    profile: ServingProfile
     overlay_url: str | None = Field(None, description="PNG overlay of this score, when asked for with overlay=true")
+    geojson_url: str | None = Field(None, description="QuPath-importable GeoJSON of this score (tissue, attention, "
+                                                      "tiles, glimpses; level-0 px), when asked for with geojson=true")
 
 
 class HealthResponse(BaseModel):

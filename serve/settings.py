@@ -146,8 +146,15 @@ def _number(name: str, raw: Any) -> float:
 
 
 def patient_serve_proxy() -> None:
-    """Give Serve's HTTP proxy 30 s, not Ray 2.60's 5 s, to pass its readiness check. On a loaded 2-core
-    machine the proxy's start took longer; Serve then killed it and ``serve.start`` failed with
-    ``ActorDiedError: ProxyActor`` (seen in the quickstart test). Call before ``ray.init``: the Serve
-    controller this process starts inherits the environment. An explicit setting wins."""
+    """Serve's HTTP proxy as this project runs it. Call before ``ray.init``: the Serve controller and the
+    proxies this process starts inherit the environment; an explicit setting wins.
+
+    - 30 s, not Ray 2.60's 5 s, to pass its readiness check. On a loaded 2-core machine the proxy's start
+      took longer; Serve then killed it and ``serve.start`` failed with ``ActorDiedError: ProxyActor``
+      (seen in the quickstart test).
+    - ``serve.proxy_retry``'s middleware: a request whose ingress replica died before answering is sent
+      once more, or answered 503 JSON, instead of the proxy's plain-text 500."""
+    from serve.proxy_retry import IMPORT_PATH
+
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", IMPORT_PATH)

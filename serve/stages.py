@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from dual_attention.annotations import region_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import (
     TileProposal,
@@ -33,6 +34,7 @@ from dual_attention.pipeline import (
     propose_tiles,
     score_tiles,
 )
+from dual_attention.profiling import StageTimer
 from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, open_slide, tissue_mask
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
@@ -91,6 +93,10 @@ class SoftResult:
     thumbnail: np.ndarray | None  # kept only when an overlay was asked for
     thumbnail_s: float
     propose_s: float
+    stages_ms: dict[str, float]  # open, thumbnail, tissue_mask, soft_attention, sampling (as `score`'s profile)
+    # GeoJSON features of the tissue outline and attention regions (level-0 px), only when asked for: they
+    # are drawn here, where the mask and map are, so the map need not travel to the ingress.
+    region_features: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -108,6 +114,7 @@ class HardResult:
     tile_scores: list[TileScore]
     batch_tiles: int  # tiles in the agent batch that scored this request's tiles (with other requests')
     agent_s: float  # wall time of that batch in the agent
+    replica_s: float = 0.0  # from the call's arrival in the replica to its answer: agent_s + the batch queue
 
 
 class _ModelHolder:
@@ -165,34 +172,45 @@ class SoftAttentionStage:
         return self.holder.describe()
 
     def propose(self, slide_path: str, n_tiles: int | None, seed: int, keep_thumbnail: bool = False,
-                cache_handle: bool = True) -> SoftResult:
+                cache_handle: bool = True, outlines: bool = False) -> SoftResult:
         """Raises ``SlideError`` (unreadable slide), ``SlideTooLarge``, ``ScoringError`` (smaller than a
         tile), ``NoTissue`` or ``ModelNotLoaded``."""
         model, config = self.holder.require()
         config = request_config(config, n_tiles)
+        timer = StageTimer()
         start = time.perf_counter()
         if cache_handle:
-            thumbnail, info = self._thumbnail(self.slides.get(slide_path), config)
+            with timer.stage("open"):
+                slide = self.slides.get(slide_path)
+            with timer.stage("thumbnail"):
+                thumbnail, info = self._thumbnail(slide, config)
         else:  # an upload: its file goes away after the request, so do not keep its handle
-            with open_slide(slide_path) as slide:
+            with timer.stage("open"):
+                slide = open_slide(slide_path)
+            with slide, timer.stage("thumbnail"):
                 thumbnail, info = self._thumbnail(slide, config)
         level0_dims = info.dimensions
-        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+        with timer.stage("tissue_mask"):
+            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
         thumbnail_s = time.perf_counter() - start
         if not mask.any():
             raise NoTissue(f"no tissue found on the slide's thumbnail (1/{config.slide.thumbnail_downsample} "
                            "of level 0): nothing to score")
         start = time.perf_counter()
-        proposal = propose_tiles(self.holder.on_device(model), thumbnail, mask, level0_dims, config, seed)
+        proposal = propose_tiles(self.holder.on_device(model), thumbnail, mask, level0_dims, config, seed, timer=timer)
         propose_s = time.perf_counter() - start
         if not proposal.level0_boxes:
             raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
+        regions = None
+        if outlines:
+            regions = region_features(mask, proposal.attention_map, config.slide.thumbnail_downsample, level0_dims)
         if not keep_thumbnail:
             # Only an overlay needs the map; for a 40x slide it is ~3000² float64, tens of MB per answer.
             proposal = dataclasses.replace(proposal, attention_map=np.zeros((0, 0)))
         return SoftResult(proposal=proposal, level0_dims=level0_dims, slide_info=info,
                           thumbnail=thumbnail if keep_thumbnail else None,
-                          thumbnail_s=thumbnail_s, propose_s=propose_s)
+                          thumbnail_s=thumbnail_s, propose_s=propose_s, stages_ms=dict(timer.ms),
+                          region_features=regions)
 
     def _thumbnail(self, slide: Slide, config: DualAttentionConfig) -> tuple[np.ndarray, SlideInfo]:
         # Refused on the header alone, before any pixel is decoded: a small file must not stall the replica.
@@ -208,6 +226,12 @@ class SoftAttentionStage:
         return thumbnail, slide.info
 
 
+# How long a batch waits for more requests after its first: none. Requests that arrive while the agent
+# runs queue and form the next batch anyway, so waiting only delays a lone request: 5 ms here cost every
+# sequential request 5 ms (bench_serve.py, "Serving overhead" in RESULTS.md).
+HARD_BATCH_WAIT_S = 0.0
+
+
 def _tiles_in(jobs: list[TileJob]) -> int:
     return sum(len(job.tiles) for job in jobs)
 
@@ -219,7 +243,7 @@ def _tiles_in(jobs: list[TileJob]) -> int:
 )
 class HardAttentionStage:
     def __init__(self, model_ref: ModelRef, tracking_uri: str | None = None, torch_threads: int = 1,
-                 batch_wait_timeout_s: float = 0.005) -> None:
+                 batch_wait_timeout_s: float = HARD_BATCH_WAIT_S) -> None:
         self.holder = _ModelHolder(model_ref, tracking_uri, torch_threads)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -228,9 +252,11 @@ class HardAttentionStage:
 
     async def score(self, job: TileJob) -> HardResult:
         self.holder.require()
-        return await self._score_batch(job)
+        arrived = time.perf_counter()
+        result = await self._score_batch(job)
+        return dataclasses.replace(result, replica_s=time.perf_counter() - arrived)
 
-    @serve.batch(max_batch_size=MAX_BATCH_TILES, batch_wait_timeout_s=0.005, batch_size_fn=_tiles_in)
+    @serve.batch(max_batch_size=MAX_BATCH_TILES, batch_wait_timeout_s=HARD_BATCH_WAIT_S, batch_size_fn=_tiles_in)
     async def _score_batch(self, jobs: list[TileJob]) -> list[HardResult]:
         # Tiles of all waiting requests go through the agent together; requests asking for different
         # T run as separate groups.

@@ -41,14 +41,14 @@ _ray_failure_reported_at: str | None = None  # the test whose error shows the ca
 def _start_ray() -> None:
     import ray
 
+    from jobs.ray_runtime import start_ray
+
     causes: list[str] = []
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            ray.init(
-                address="local",  # a fresh instance even when another `ray start` cluster runs on this machine
+            start_ray(
+                address="local",  # a fresh instance even when $RAY_ADDRESS or a `ray start` cluster is about
                 num_cpus=8,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
                 log_to_driver=False,
             )
@@ -69,7 +69,12 @@ def _start_ray() -> None:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """One local Ray instance for the whole session, on 127.0.0.1, with logical CPUs for 2 train
-    workers, tile actors and Serve replicas on a 2-core machine."""
+    workers, tile actors and Serve replicas on a 2-core machine.
+
+    Token authentication is off for this instance only (the product leaves it as Ray ships it, on): with
+    it on, every test process and every CLI subprocess a test starts would need the token, and Ray would
+    write one to the shared ~/.ray/auth_token that any `ray start` on the machine then picks up. The
+    cluster-recipe test (test_cluster_recipe.py) runs its own cluster with authentication on."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", RAY_GCS_PORT_WAIT_S)

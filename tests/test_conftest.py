@@ -49,7 +49,9 @@ def test_a_ray_that_never_starts_is_retried_and_its_cause_reported_once(tmp_path
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(_FAKE_RAY)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path / "fake")),
+                            # the fake Ray first; the project after it, for conftest's jobs.ray_runtime
+                            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                [str(tmp_path / "fake"), str(Path(__file__).resolve().parents[1])])),
                             capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert "1 passed, 3 errors" in out, out[-3000:]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from dual_attention.metrics import glimpse_spread
-from dual_attention.toy_tasks import (
+from dual_attention.synthetic.toy_tasks import (
     LABEL_REGION_PX,
     glimpses_in_label_region,
     glimpses_on_corner,

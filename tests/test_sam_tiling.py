@@ -185,3 +185,24 @@ def test_tiled_logits_equal_one_pass_with_each_speed_up_switched_off(
     thumbnail = torch.rand(1, 3, 41, 58, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         torch.testing.assert_close(sam.tiled_logits(thumbnail, 20), sam.logits(thumbnail), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tiles_side_by_side_equal_one_pass_and_leave_the_thread_count(threads: int) -> None:
+    """With several torch threads the tiles run side by side, one thread each (``tiled_logits``): same
+    logits as one pass, in inference mode too, and the caller's thread count is restored."""
+    config = preset("paper-her2")
+    torch.manual_seed(3)
+    sam = DualAttentionModel(config).soft_attention.eval()
+    thumbnail = torch.rand(1, 3, 150, 230)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            reference = sam.logits(thumbnail)
+        with torch.inference_mode():
+            tiled = sam.tiled_logits(thumbnail, 32)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(tiled, reference, rtol=1e-5, atol=1e-5)

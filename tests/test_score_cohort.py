@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from shapely.geometry import shape
 
+from dual_attention.annotations import slide_score_geojson
 from dual_attention.checkpoint import load_checkpoint, save_checkpoint
 from dual_attention.config import preset
 from dual_attention.manifest import ManifestError, ManifestRow, manifest_rows, write_manifest
 from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import slide_seed
+from dual_attention.slides import tissue_mask
 from jobs.score import score_slide_path
 from jobs.score_cohort import (
     AgentStage,
     ProposeStage,
     StageSettings,
+    geojson_path,
     main,
     read_scores,
     read_tiles_stage,
@@ -88,6 +93,12 @@ def test_cohort_scores_match_in_process_scoring_and_a_rerun_resumes(
             assert tile["predicted_class"] == want.predicted_class
             assert tile["glimpse_x_level0_px"] == pytest.approx([x for x, _ in want.glimpse_trail_level0])
             assert tile["glimpse_y_level0_px"] == pytest.approx([y for _, y in want.glimpse_trail_level0])
+        # The slide's GeoJSON: its tiles are the tiles table's boxes, its tissue outline is there.
+        features = json.loads(geojson_path(out, slide_id).read_text())["features"]
+        assert [shape(f["geometry"]).bounds for f in features if f["properties"]["kind"] == "tile"] == [
+            (t["x0"], t["y0"], t["x0"] + t["width"], t["y0"] + t["height"]) for t in mine]
+        assert [f["properties"]["kind"] for f in features].count("tissue") == 1
+    assert not geojson_path(out, "broken").exists()
 
     parts = sorted(p.name for p in (out / "slides").glob("*.parquet"))
     assert len(parts) >= 2  # written as slides finished, not in one piece at the end
@@ -149,3 +160,32 @@ def test_the_agent_stage_on_a_gpu_scores_as_in_process_cpu_scoring(cohort: Path,
         expected, _, _ = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
         assert out["status"] == "ok" and out["predicted_class"] == expected.predicted_class
         assert [out[f"prob_{n}"] for n in config.class_names] == pytest.approx(expected.class_probabilities, abs=1e-4)
+
+
+def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path) -> None:
+    """Run as plain objects (no Ray), the stages' GeoJSON has the features ``score --geojson`` writes for the
+    same slide and seed (outlines drawn in stage 1, tiles and glimpses in stage 3)."""
+    model, config, _ = load_checkpoint(checkpoint)
+    settings = StageSettings(config=config, sampler="attention", seed=SEED, geojson=True)
+    propose, agent = ProposeStage(model, settings), AgentStage(model, settings, "ckpt", "3")
+    row = next(r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken")
+    out = agent(read_tiles_stage(propose(row)))
+    collection = json.loads(out["geojson"])
+    assert collection["properties"]["slide_id"] == row["slide_id"]
+    assert collection["properties"]["model"] == {"name": "ckpt", "version": "3"}
+    score, thumbnail, info = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
+    expected = slide_score_geojson(score, tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px),
+                                   config.class_names, config.slide.thumbnail_downsample, info.dimensions,
+                                   config.agent.glimpse_px)
+    assert json.loads(json.dumps(expected["features"])) == collection["features"]
+    no_geojson = StageSettings(config=config, sampler="attention", seed=SEED)  # off unless asked for
+    assert AgentStage(model, no_geojson, "ckpt", "3")(read_tiles_stage(ProposeStage(model, no_geojson)(row)))[
+        "geojson"] == ""
+
+
+def test_geojson_paths_stay_in_the_output_folder(tmp_path: Path) -> None:
+    assert geojson_path(tmp_path, "a") == tmp_path / "geojson" / "a.geojson"
+    assert geojson_path(tmp_path, "site-1/a.b") == tmp_path / "geojson" / "site-1" / "a.b.geojson"
+    for slide_id in ("../../etc/x", "/abs/x", "a\\..\\b"):
+        path = geojson_path(tmp_path, slide_id)
+        assert path.parent == tmp_path / "geojson" and ".." not in path.parts, slide_id

@@ -218,6 +218,15 @@ def test_http_score_equals_in_process_scoring(service: Service) -> None:
         assert all(len(tile["glimpse_trail_level0"]) == config.agent.n_glimpses for tile in body["tiles"])
         assert set(body["timings"]) >= {"soft_attention_s", "tile_read_s", "hard_attention_s", "total_s"}
         assert body["timings"]["total_s"] >= body["timings"]["hard_attention_s"] > 0
+        # the per-stage profile, with the `score` command's stage names, and what serving added around them
+        profile = body["profile"]
+        assert list(profile["stages_ms"]) == ["open", "thumbnail", "tissue_mask", "soft_attention", "sampling",
+                                              "tile_reads", "agent", "aggregation"]
+        assert all(ms >= 0 for ms in profile["stages_ms"].values()) and profile["stages_ms"]["agent"] > 0
+        assert set(profile["serving_ms"]) == {"validate", "soft_call", "hard_call", "agent_queue", "ingress"}
+        assert profile["total_ms"] == pytest.approx(body["timings"]["total_s"] * 1e3, abs=1e-3)
+        accounted = sum(profile["serving_ms"].values()) + sum(profile["stages_ms"].values())
+        assert accounted == pytest.approx(profile["total_ms"], rel=0.02)  # every millisecond in one place
 
         model = client.get("/v1/model").json()
         _, config, _ = load_checkpoint(service.checkpoint)
@@ -289,6 +298,42 @@ def test_overlay_png_of_a_recent_score(service: Service) -> None:
         assert without["overlay_url"] is None
         assert client.get(f"/v1/overlay/{without['score_id']}").status_code == 404
         assert client.get("/v1/overlay/no-such-id").status_code == 404
+        assert without["geojson_url"] is None
+        assert client.get(f"/v1/score/{without['score_id']}/geojson").status_code == 404
+
+
+def test_geojson_of_a_recent_score(service: Service) -> None:
+    """``geojson=true`` keeps a QuPath GeoJSON on disk (any ingress replica answers it): its tiles are the
+    answer's level-0 boxes, its glimpses lie in their tiles, its tissue outline meets every tile; it names
+    the slide as the client did, never a server path. Unknown ids answer 404."""
+    import geojson
+    from shapely.geometry import shape
+
+    with service.client() as client:
+        body = client.post("/v1/score", params={"geojson": "true"}, json={"slide": "her2-2.tiff", "seed": 3}).json()
+        assert body["geojson_url"] == f"/v1/score/{body['score_id']}/geojson" and body["overlay_url"] is None
+        answer = client.get(body["geojson_url"])
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/geo+json"
+        assert all(client.get(body["geojson_url"]).content == answer.content for _ in range(4))
+        assert (service.tmp / "work" / "overlays" / f"{body['score_id']}.geojson").read_bytes() == answer.content
+        for missing in ("no-such-id", uuid.uuid4().hex, "..%2F..%2Fetc%2Fpasswd"):
+            assert client.get(f"/v1/score/{missing}/geojson").status_code == 404
+    assert geojson.loads(answer.text).is_valid and str(service.tmp) not in answer.text
+    collection = answer.json()
+    assert collection["properties"]["slide"] == "her2-2.tiff"
+    assert collection["properties"]["predicted_label"] == body["predicted_label"]
+    features = collection["features"]
+    tiles = [f for f in features if f["properties"]["kind"] == "tile"]
+    assert [shape(f["geometry"]).bounds for f in tiles] == [
+        (t["level0_box"]["x0"], t["level0_box"]["y0"], t["level0_box"]["x0"] + t["level0_box"]["width"],
+         t["level0_box"]["y0"] + t["level0_box"]["height"]) for t in body["tiles"]]
+    (tissue,) = [shape(f["geometry"]) for f in features if f["properties"]["kind"] == "tissue"]
+    for number, tile in enumerate(tiles, start=1):
+        polygon = shape(tile["geometry"])
+        glimpses = [shape(f["geometry"]) for f in features
+                    if f["properties"]["kind"] == "glimpse" and f["properties"]["tile_number"] == number]
+        assert len(glimpses) == len(body["tiles"][number - 1]["glimpse_trail_level0"]) > 0
+        assert all(polygon.covers(g) for g in glimpses) and tissue.intersects(polygon)
 
 
 def test_eight_concurrent_requests_all_succeed(service: Service) -> None:
@@ -707,6 +752,45 @@ def test_a_stage_call_whose_replica_died_is_sent_once_more(tmp_path: Path) -> No
     assert len(calls) == 1
 
 
+def test_a_request_whose_ingress_replica_dies_is_sent_again_by_the_proxy(service: Service, tmp_path: Path) -> None:
+    """Issue 14.3: Ray Serve's proxy answered a plain-text 500 when the ingress replica holding a request
+    died. With serve.proxy_retry's middleware (installed by the session's patient_serve_proxy, as by
+    `dual-attention serve`) the request is sent once more and the other replica answers; when that one
+    dies too, the answer is 503 JSON with Retry-After. A small app of two ingress replicas whose handler
+    ends its own process (as kill -9 would) stands in for the scoring ingress."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+    died_once = tmp_path / "died-once"
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class DyingIngress:
+        @app.post("/once")
+        async def dies_once(self, body: dict) -> dict:
+            if not died_once.exists():
+                died_once.touch()
+                os._exit(1)
+            return {"echo": body}
+
+        @app.post("/always")
+        async def always_dies(self, body: dict) -> dict:
+            os._exit(1)
+
+    serve.run(DyingIngress.bind(), name="dying-ingress", route_prefix="/dying")
+    try:
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            answer = client.post("/dying/once", json={"n": 1})
+            assert died_once.exists()  # the first replica died holding the request
+            assert answer.status_code == 200 and answer.json() == {"echo": {"n": 1}}, answer.text
+            answer = client.post("/dying/always", json={"n": 2})
+            assert answer.status_code == 503 and answer.headers["content-type"] == "application/json", answer.text
+            assert answer.headers["retry-after"].isdigit() and "unavailable" in answer.json()["detail"]
+    finally:
+        serve.delete("dying-ingress")
+
+
 def test_a_killed_hard_attention_replica_answers_503_json_or_200_then_recovers(service: Service) -> None:
     """The last test that uses the service: kills the main app's hard-attention replica actors. Every
     answer is a 200, or a 503 JSON with Retry-After (never a 500), and Serve's replacement brings back 200s.
@@ -751,3 +835,10 @@ def test_overlay_store_keeps_the_most_recent_and_refuses_foreign_ids(tmp_path: P
         assert first.get(foreign) is None
     with pytest.raises(ValueError, match="32 hex digits"):
         first.put("../escape", b"x")
+    # A GeoJSON store in the same folder keeps its own most recent files and leaves the PNGs alone.
+    geojsons = OverlayStore(tmp_path, capacity=1, suffix=".geojson")
+    geojsons.put(ids[0], b"{}")
+    time.sleep(0.01)
+    geojsons.put(ids[1], b"[]")
+    assert geojsons.get(ids[0]) is None and geojsons.get(ids[1]) == b"[]" and len(geojsons) == 1
+    assert len(first) == 3 and first.get(ids[1]) is None  # ids[1]'s PNG was evicted before, not its GeoJSON

@@ -92,7 +92,7 @@ def test_tumour_mask_is_at_1_32_and_marks_tumour_cells(her2_slide: dict) -> None
     assert 0.0 < mask.mean() < 0.6 and her2_slide["tumour_fraction"] == pytest.approx(mask.mean())
     # The mask and the rendered cells come from the same fields: cell centres inside mask pixels are tumour.
     layout = make_layout("her2", 3, 42, 1024, 2048)
-    cells = synthetic._cells(layout, 0, 0, 2048 // 16, 1024 // 16)
+    cells = synthetic.render._cells(layout, 0, 0, 2048 // 16, 1024 // 16)
     inside = mask.repeat(2, axis=0).repeat(2, axis=1)  # 16-px cells, 32-px mask pixels
     tumour = cells["kind"] == CELL_TUMOUR
     assert tumour[inside].mean() > 0.9 and tumour[~inside].mean() < 0.05

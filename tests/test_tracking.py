@@ -13,10 +13,10 @@ from PIL import Image
 from dual_attention.checkpoint import save_checkpoint
 from dual_attention.config import preset
 from dual_attention.models import DualAttentionModel
+from dual_attention.overlays import overlay_tiles, render_overlay, save_slide_score_overlay
 from dual_attention.pipeline import SlideScore, TileScore
 from dual_attention.slides import Level0Box
 from jobs import tracking
-from jobs.overlays import overlay_figure, save_slide_score_overlay
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,9 +154,10 @@ def test_overlay_png_shows_the_tiles_where_they_are(tmp_path: Path) -> None:
 def test_overlay_refuses_mismatched_inputs_by_name() -> None:
     thumbnail = np.zeros((48, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="attention_map shape"):
-        overlay_figure(thumbnail, np.zeros((10, 10)), [], 32)
-    with pytest.raises(ValueError, match="glimpse trails"):
-        overlay_figure(thumbnail, None, [Level0Box(0, 0, 32, 32)], 32, glimpse_trails_level0=[])
+        render_overlay(thumbnail, np.zeros((10, 10)), [], 32)
+    # Glimpse trails now travel with their tile (OverlayTile); the per-tile inputs that can mismatch are images.
+    with pytest.raises(ValueError, match="0 tile images for 2 tiles"):
+        overlay_tiles(_fake_score((48, 64), 32), tile_images=[])
 
 
 # Opens the shared store from a run folder of its own once told to go, logs one artifact, prints where.

@@ -118,6 +118,53 @@ def test_searchers_start_at_the_centre_and_sample_inside_the_space(searcher: str
         assert config.sampler.noise_high > config.sampler.noise_low
 
 
+def test_trainables_register_from_several_threads(ray_cluster: None) -> None:
+    """Issue 14.7: with Ray up, Tune's registry iterated a dict another thread was adding to
+    (``RuntimeError: dictionary changed size during iteration`` in ``add_configurations``; cause in
+    tune/ray_registry.py). A second thread registers trainables while this one builds searchers; a
+    1 µs thread switch interval makes the interleaving that broke it happen within the first rounds."""
+    import sys
+    import threading
+
+    from ray.tune.registry import TRAINABLE_CLASS, _global_registry, register_trainable
+
+    from tune.search import SearchSettings, _searcher
+
+    base = preset("cpu-small")
+    space = load_space(None, base)
+    settings = SearchSettings(manifest="unused", base_config=base.to_dict(), space={}, space_source="default",
+                              storage_path="unused", name="unused", searcher="random", seed=0)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def register_elsewhere() -> None:
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                register_trainable(f"other-thread-{i % 16}", _noop_trainable, warn=False)
+        except BaseException as error:  # reported by the assert below
+            errors.append(error)
+
+    other = threading.Thread(target=register_elsewhere, daemon=True)
+    previous_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        other.start()
+        for round_ in range(40):
+            algorithm = _searcher(settings, space, max_concurrent=2)
+            algorithm.add_configurations({f"search-{round_}": {"run": _noop_trainable, "config": space.to_tune(),
+                                                              "num_samples": 1}})
+    finally:
+        stop.set()
+        other.join(timeout=30)
+        sys.setswitchinterval(previous_interval)
+    assert not errors, errors
+    assert not other.is_alive()
+    assert _global_registry.contains(TRAINABLE_CLASS, "other-thread-0")
+    assert not _global_registry._to_flush  # every registration reached the GCS
+
+
 def test_best_trial_must_beat_the_centre_strictly() -> None:
     from tune.results import TrialRow, best_row
 

@@ -186,7 +186,8 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     from ray.tune.schedulers import ASHAScheduler
 
     from jobs import tracking
-    from jobs.train import init_ray, prepare_cohort
+    from jobs.ray_runtime import start_ray
+    from jobs.train import prepare_cohort
     from tune import results as results_mod
     from tune.cleanup import ReleaseStoppedTrials, start_ledger
     from tune.mlflow_runs import (
@@ -196,7 +197,14 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
         register_best,
         start_parent_run,
     )
-    from tune.trial import EPOCHS_DONE, TrialJob, max_concurrent_trials, train_trial, trial_resources
+    from tune.trial import (
+        EPOCHS_DONE,
+        TRIAL_DRIVER_CPUS,
+        TrialJob,
+        max_concurrent_trials,
+        train_trial,
+        trial_resources,
+    )
 
     started = time.perf_counter()
     space = settings.search_space()  # validated: nothing below starts before the space is accepted
@@ -206,7 +214,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     metric, mode = settings.metric_name(), settings.mode
     epochs = base.train.epochs
 
-    init_ray()
+    start_ray()
     use_gpu = settings.trial_run().use_gpu()  # asked once: every trial gets the same answer
     per_trial = trial_resources(base.train.num_workers, settings.tile_actors_per_worker, use_gpu)
     concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), per_trial)
@@ -235,7 +243,10 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     ledger_name = _ledger_name(experiment_dir)
     ledger = start_ledger(ledger_name)
     job = TrialJob(space=space, cohort=cohort, run=settings.trial_run(use_gpu), ledger_name=ledger_name)
-    trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), {"CPU": per_trial["CPU"]})
+    # The trial's actor reserves only its own share: its Train workers and tile readers ask for theirs when
+    # the trial starts them. Reserving the whole per_trial demand here held those CPUs twice, so the workers
+    # of the trials running at once could not be placed (per_trial only sizes the concurrency above).
+    trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), {"CPU": TRIAL_DRIVER_CPUS})
 
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
@@ -334,6 +345,9 @@ def _searcher(settings: SearchSettings, space: SearchSpace, max_concurrent: int)
 
     Tune applies ``max_concurrent_trials`` to a ``Searcher`` (Optuna) but ignores it for the random
     ``BasicVariantGenerator``, which takes its own ``max_concurrent``."""
+    from tune.ray_registry import guard_ray_tune_registry
+
+    guard_ray_tune_registry()  # the searcher and the Tuner register trainables: see tune.ray_registry
     points = [space.centre()] if space.centre_inside() else []
     if not points:
         print("[tune] note: the base config's values lie outside the space; no centre trial", flush=True)
