@@ -6,7 +6,8 @@ What runs where:
   by ``jobs.preprocess``; a broken slide is skipped and reported), puts each slide's thumbnail and mask in
   the object store, and fits one ``TorchTrainer`` per validation fold.
 - Each Ray Train worker builds the model, restores the last checkpoint if there is one, wraps the model
-  in DDP (``ray.train.torch.prepare_model``; gloo on CPU) and runs the loop: per step a batch of slides
+  in DDP (``ray.train.torch.prepare_model``; gloo on CPU) and runs the core loop
+  (``dual_attention.training.EpochLoop``, which runs and is tested without Ray): per step a batch of slides
   with every class present (``class_balanced_batches``; the plan is drawn from the epoch's seed, so all
   workers agree on it and take every ``world_size``-th batch), ``pipeline.training_step`` for the loss,
   Adam with one learning rate for the SAM side (SAM + f_f + SAM head) and one for the agent, StepLR per
@@ -15,9 +16,10 @@ What runs where:
   so a restarted worker gets fresh readers). ``--tile-reader local`` reads with the same ``TileReader``
   code inside the worker process instead, saving the Ray round trip per slide (see
   benchmarks/bench_train_step.py for the measured difference).
-- Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers, gathered
-  on rank 0), and rank 0 reports metrics with a checkpoint (``dual_attention.checkpoint`` + optimiser
-  state + a few overlay PNGs) via ``ray.train.report``. ``FailureConfig(max_failures)`` restarts a lost
+- Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers; every
+  worker's ``EpochShare`` is gathered), and rank 0 reports ``training.epoch_metrics`` with a checkpoint
+  (``training.save_training_checkpoint`` + a few overlay PNGs) via ``ray.train.report``. The run's settings
+  are one frozen ``TrainRun``; the workers read one ``FoldJob``. ``FailureConfig(max_failures)`` restarts a lost
   worker group, which resumes from ``ray.train.get_checkpoint()``.
 - MLflow is written by the driver only, as each epoch ends: a Train controller callback forwards every
   report (rank 0's metrics, the persisted checkpoint) through a Ray queue to a logger thread of the driver
@@ -298,8 +300,8 @@ def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: 
     fixed set of slides, reported with the epoch's metrics."""
     import ray.train
 
+    from dual_attention.overlays import save_slide_score_overlay
     from dual_attention.training import save_training_checkpoint
-    from jobs.overlays import save_slide_score_overlay
 
     epoch = int(metrics["epoch"])
     rows = sorted((r for share in shares for r in share.val_rows), key=lambda r: r["slide_id"])
