@@ -77,7 +77,7 @@ TILE_READERS = ("pool", "local")
 @dataclass(frozen=True)
 class TrainRun:
     """How one training run is carried out, besides the model config: where it writes, where it tracks,
-    what its workers run on. Built once (from the command line by ``run_from_args``, or by the quickstart,
+    what its workers run on. Built once (from the command line in ``_main``, or by the quickstart,
     Tune's trials and the benchmarks) and passed whole; the seeds are the config's (``train.seed``)."""
 
     run_dir: Path
