@@ -81,8 +81,7 @@ def score_methods(model: Any, config: Any, test: list[Any], seed: int) -> dict[s
                                     sampler=sampler)
             rows.append(prediction_row(ValidatedSlide(example, seed, score), config))
             fractions.append(score.fraction_level0_read)
-        metrics = validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                                     [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+        metrics = validation_metrics(config.task, rows)
         metrics |= epoch_diagnostics(rows)
         metrics |= {"fraction_level0_read": float(np.mean(fractions)),
                     "seconds_per_slide": (time.perf_counter() - started) / len(test)}
@@ -92,7 +91,7 @@ def score_methods(model: Any, config: Any, test: list[Any], seed: int) -> dict[s
 
 def sliding_window(task: str, train_rows: list[dict[str, Any]], test_rows: list[dict[str, Any]], seed: int
                    ) -> dict[str, Any]:
-    from dual_attention.metrics import tumour_fraction_of_boxes
+    from dual_attention.metrics import slide_metrics, tumour_fraction_of_boxes
     from dual_attention.slides import open_slide, read_tumour_mask, tissue_mask
     from dual_attention.sliding_window import (
         cpu_small_config,
@@ -102,7 +101,6 @@ def sliding_window(task: str, train_rows: list[dict[str, Any]], test_rows: list[
         slide_patch_reader,
         train_patch_classifier,
     )
-    from dual_attention.training import validation_metrics
 
     config = cpu_small_config(task, seed=seed)
     num_classes = 4 if task == "her2" else 2
@@ -139,7 +137,7 @@ def sliding_window(task: str, train_rows: list[dict[str, Any]], test_rows: list[
         fractions.append(score.fraction_level0_read)
         mask = read_tumour_mask(row["tumour_mask_path"], (-(-dims[1] // 32), -(-dims[0] // 32)))
         tumour += tumour_fraction_of_boxes(score.top_patches, mask, 32)
-    metrics = validation_metrics(task, [int(r["label"]) for r in test_rows], predicted, probabilities, confidence)
+    metrics = slide_metrics(task, [int(r["label"]) for r in test_rows], predicted, probabilities, confidence)
     return metrics | {"fraction_level0_read": float(np.mean(fractions)), "tiles_tumour_fraction": float(np.mean(tumour)),
                       "seconds_per_slide": (time.perf_counter() - started) / len(test_rows), "train_s": train_s}
 
@@ -262,7 +260,7 @@ def figures(task: str, seed: int, model: Any, config: Any, slides: list[Any], ma
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("accuracy", "f1_macro", "auroc", "her2_points_fraction", "fraction_level0_read", "attention_tumour_ratio",
+    keys = ("accuracy", "f1_macro", "auroc", "agreement_points_per_case", "fraction_level0_read", "attention_tumour_ratio",
             "tiles_tumour_fraction", "glimpse_spread", "seconds_per_slide")
     out: dict[str, Any] = {}
     for task in sorted({r["task"] for r in runs}):
@@ -297,7 +295,7 @@ def table(summary: dict[str, Any], runs: list[dict[str, Any]], args: argparse.Na
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for method, stats in methods.items():
             lines.append(f"| {method} | {cell(stats, 'accuracy')} | {cell(stats, 'f1_macro')} | {cell(stats, 'auroc')} | "
-                         f"{cell(stats, 'her2_points_fraction', 15, '.1f')} | "
+                         f"{cell(stats, 'agreement_points_per_case', 1, '.1f')} | "
                          f"{cell(stats, 'fraction_level0_read', 100, '.2f')} | "
                          f"{cell(stats, 'attention_tumour_ratio', 1, '.2f') if method == 'dual attention' else '—'} | "
                          f"{cell(stats, 'tiles_tumour_fraction', 1, '.2f')} | "

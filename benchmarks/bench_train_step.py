@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dual_attention.config import preset
     from dual_attention.synthetic import write_cohort
-    from jobs.train import fit_fold, prepare_cohort
+    from jobs.train import TrainRun, fit_fold, prepare_cohort
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     manifest = write_cohort(root / "cohort", "her2", args.slides, seed=11, slide_level0_px=args.slide_px, n_folds=4,
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             })
             cohort = cohort or prepare_cohort(manifest, config, root / "cache")
             started = time.perf_counter()
-            result = fit_fold(config, cohort, root / f"run-{reader}-{workers}w", val_fold=0, use_gpu=False,
-                              max_failures=0, overlays_per_epoch=0, tile_actors_per_worker=args.tile_actors_per_worker,
-                              tile_reader=reader)
+            run = TrainRun(root / f"run-{reader}-{workers}w", device="cpu", max_failures=0, overlays_per_epoch=0,
+                           tile_actors_per_worker=args.tile_actors_per_worker, tile_reader=reader)
+            result = fit_fold(config, cohort, run, val_fold=0)
             wall = time.perf_counter() - started
             if result.error is not None:
                 raise RuntimeError(f"benchmark fit with {workers} workers failed: {result.error}")

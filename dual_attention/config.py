@@ -9,6 +9,7 @@ Units are in the field names: ``*_level0_px`` are level-0 pixels, ``*_thumb_px``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
     """A configuration value is refused; the message names the field."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlideConfig:
     thumbnail_downsample: int = 32  # s: thumbnail is 1/s of level 0 (40x -> 1.25x)
     tissue_min_area_thumb_px: int = 16  # tissue components smaller than this are dropped
@@ -42,7 +43,7 @@ class SlideConfig:
         _positive(self, "thumbnail_downsample", "tissue_min_area_thumb_px")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SoftAttentionConfig:
     conv_layers: int = 4
     base_channels: int = 8  # doubles every layer
@@ -54,7 +55,7 @@ class SoftAttentionConfig:
         _one_of(self, "attention_mask", ("positive", "tumour"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
     n_tiles: int = 10  # N tiles kept per slide
     n_candidates: int = 20  # top 2N candidates before the distance filter
@@ -83,7 +84,7 @@ class SamplerConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TileConfig:
     tile_level0_px: int = 2048  # side of a sampled tile at level 0
     feature_input_px: int = 128  # tiles are resized to this for the tile feature extractor f_f
@@ -96,7 +97,7 @@ class TileConfig:
             raise ConfigError(f"tile.feature_layers must be >= 3 (stem + one residual block), got {self.feature_layers}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
     glimpse_px: int = 128  # side of each glimpse given to the glimpse network
     glimpse_scales: int = 2  # scale k covers glimpse_px * 2**k level-0 pixels (40x, 20x, ...)
@@ -122,7 +123,7 @@ class AgentConfig:
         _one_of(self, "first_glimpse", ("random", "policy"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     alpha: float = 0.5  # L_J = L_HA + alpha**e * L_SA, e = max(0, epoch - alpha_hold_epochs)
     # The paper decays L_SA from the first epoch (hold 0); 0.5**epoch switches the SAM off before it has
@@ -147,7 +148,7 @@ class LossConfig:
             raise ConfigError(f"loss.delta must be >= 0, got {self.delta}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     mode: TrainMode = "joint"
     epochs: int = 30
@@ -158,7 +159,6 @@ class TrainConfig:
     lr_step_size: int = 10  # StepLR
     lr_gamma: float = 0.5
     num_workers: int = 2
-    use_gpu: bool = False
     seed: int = 0
     val_fold: int = 0  # fold held out for validation
     # The agent reads tiles alone for this many optimiser steps before L_SA joins: until the agent can
@@ -182,7 +182,7 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be >= 2 when train.mode is 'separate', got {self.epochs}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DualAttentionConfig:
     task: Task = "her2"
     preset: str = "custom"
@@ -232,6 +232,7 @@ class DualAttentionConfig:
             values = data.get(section, {}) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+            values = {k: v for k, v in values.items() if k not in _REMOVED_FIELDS.get(section, ())}
             allowed = {f.name: f for f in fields(section_cls)}
             bad = set(values) - set(allowed)
             if bad:
@@ -282,6 +283,10 @@ class DualAttentionConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# Fields configs once had and checkpoints, run folders and registered models still carry; read and dropped.
+# train.use_gpu: written by the jobs but never read (the device is a run setting, ``--device``).
+_REMOVED_FIELDS: dict[str, tuple[str, ...]] = {"train": ("use_gpu",)}
+
 _SECTIONS: dict[str, type] = {
     "slide": SlideConfig,
     "soft_attention": SoftAttentionConfig,
@@ -291,6 +296,53 @@ _SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "train": TrainConfig,
 }
+
+
+# -- command-line flags ---------------------------------------------------------------------------------------
+
+# Flags that set one train-section field: (flag, dotted field, argparse options). Their values land under
+# ``_shortcut_dest(flag)``, so that a job's own flag of the same name (tune's --mode) keeps its own.
+_SHORTCUT_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--epochs", "train.epochs", {"type": int}),
+    ("--num-workers", "train.num_workers", {"type": int, "help": "train.num_workers (Ray Train workers)"}),
+    ("--mode", "train.mode", {"choices": ("joint", "separate")}),
+    ("--val-fold", "train.val_fold", {"type": int, "help": "train.val_fold: the manifest fold held out for validation"}),
+)
+
+
+def _shortcut_dest(flag: str) -> str:
+    return "config_" + flag.removeprefix("--").replace("-", "_")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, shortcuts: tuple[str, ...] | None = None) -> None:
+    """The flags that build a config, the same for every job that trains (train, tune): a preset or a YAML
+    file, ``--set`` overrides and shortcut flags for the most changed train fields (all, or those named in
+    ``shortcuts``). ``config_from_flags`` reads them back."""
+    parser.add_argument("--preset", default="cpu-small", help=f"config preset: {', '.join(PRESETS)}")
+    parser.add_argument("--task", choices=tuple(NUM_CLASSES), help="switch the preset's task")
+    parser.add_argument("--config", help="YAML config file (full, or 'preset: NAME' plus changes)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="config override, repeatable (e.g. --set loss.alpha=0.7)")
+    for flag, dotted, options in _SHORTCUT_FLAGS:
+        if shortcuts is None or flag in shortcuts:
+            metavar = {} if "choices" in options else {"metavar": flag.removeprefix("--").replace("-", "_").upper()}
+            parser.add_argument(flag, dest=_shortcut_dest(flag), **{"help": dotted, **metavar, **options})
+
+
+def flag_overrides(args: argparse.Namespace, shortcuts: tuple[str, ...] | None = None) -> list[str]:
+    """``--set`` overrides plus the shortcut flags given (all, or those named in ``shortcuts``)."""
+    overrides = list(args.set)
+    for flag, dotted, _ in _SHORTCUT_FLAGS:
+        value = getattr(args, _shortcut_dest(flag), None)
+        if value is not None and (shortcuts is None or flag in shortcuts):
+            overrides.append(f"{dotted}={value}")
+    return overrides
+
+
+def config_from_flags(args: argparse.Namespace) -> DualAttentionConfig:
+    """The config ``add_config_flags``'s flags describe; a refused value raises ``ConfigError`` naming it."""
+    config = DualAttentionConfig.from_yaml(args.config) if args.config else preset(args.preset, task=args.task)
+    return config.with_overrides(flag_overrides(args))
 
 
 def _positive(section: Any, *names: str) -> None:
@@ -409,8 +461,9 @@ def preset(name: str, task: Task | None = None) -> DualAttentionConfig:
         raise ConfigError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}")
     config = PRESETS[name]()
     if task is not None and task != config.task:
-        config.task = task
+        config = dataclasses.replace(config, task=task)
         if task == "mmr":
-            config.soft_attention.attention_mask = "tumour"
-            config.sampler.noise_low, config.sampler.noise_high = -2.0, 1.0
+            config = dataclasses.replace(
+                config, soft_attention=dataclasses.replace(config.soft_attention, attention_mask="tumour"),
+                sampler=dataclasses.replace(config.sampler, noise_low=-2.0, noise_high=1.0))
     return config.validate()

@@ -14,10 +14,13 @@ paper; a correction is one edit of ``HER2_AGREEMENT_POINTS`` or of the two funct
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score, roc_auc_score
 
 HER2_CONTEST_SOURCE = (
@@ -98,6 +101,54 @@ def auroc(ground_truth: Sequence[int], class_probabilities: np.ndarray) -> float
         return float(roc_auc_score(truth, probs[:, 1]))
     probs = probs / probs.sum(axis=1, keepdims=True)
     return float(roc_auc_score(truth, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+
+
+# The one validation figure a task's runs are ranked by (training's best-fold alias and epoch line, Tune's
+# default metric), as a key of ``slide_metrics``. HER2: the contest's own figure. MMR: macro F1, not AUROC:
+# AUROC is undefined on a validation fold that holds one class, and then ranks nothing.
+PRIMARY_METRIC: dict[str, str] = {"her2": "agreement_points_per_case", "mmr": "f1_macro"}
+
+
+def primary_metric(task: str) -> str:
+    """The ``slide_metrics`` key a ``task``'s runs are ranked by (higher is better)."""
+    if task not in PRIMARY_METRIC:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(PRIMARY_METRIC)}")
+    return PRIMARY_METRIC[task]
+
+
+def slide_metrics(task: str, labels: Sequence[int], predicted: Sequence[int],
+                  probabilities: Sequence[Sequence[float]] | np.ndarray, confidences: Sequence[float]
+                  ) -> dict[str, Any]:
+    """Slide-level metrics of one set of predictions, the same for training's validation, evaluation and
+    the baselines: ``n_slides``, ``accuracy``, ``f1_macro``, ``auroc`` and, for HER2, the contest's
+    ``agreement_points`` (of ``agreement_points_max`` = 15 per case), ``agreement_points_per_case``,
+    ``weighted_confidence`` and ``combined_points``. AUROC is None, with ``auroc_note`` saying why, when it
+    is undefined (a single class among the labels, or a class absent from them)."""
+    labels_a, predicted_a = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    n = int(labels_a.size)
+    out: dict[str, Any] = {"n_slides": n}
+    if n == 0:
+        return out
+    out["accuracy"] = float((labels_a == predicted_a).mean())
+    out["f1_macro"] = f1(labels_a, predicted_a, average="macro")
+    probs = np.asarray(probabilities, dtype=np.float64)
+    try:
+        with warnings.catch_warnings():  # an undefined AUROC is reported below, not warned about
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            out["auroc"] = auroc(labels_a, probs)
+    except ValueError as error:
+        out["auroc"], out["auroc_note"] = None, str(error)
+    if out["auroc"] is not None and not math.isfinite(out["auroc"]):  # a class absent from the labels
+        missing = sorted(set(range(probs.shape[1])) - set(labels_a.tolist()))
+        out["auroc"], out["auroc_note"] = None, f"AUROC undefined: classes {missing} absent from the labels"
+    if task == "her2":
+        points = her2_agreement_points(labels_a, predicted_a)
+        out["agreement_points"] = points
+        out["agreement_points_max"] = 15 * n
+        out["agreement_points_per_case"] = points / n
+        out["weighted_confidence"] = weighted_confidence(labels_a, predicted_a, confidences)
+        out["combined_points"] = combined_points(labels_a, predicted_a, confidences)
+    return out
 
 
 def dice(mask_a: np.ndarray, mask_b: np.ndarray) -> float:

@@ -1,6 +1,9 @@
-"""Training the dual attention model, without Ray: one step, one epoch, validation.
+"""Training the dual attention model, without Ray: one step, one epoch, validation, checkpoint contents.
 
-The Ray Train worker (``jobs.train``) and the in-process benchmarks call these; Ray never appears here.
+``EpochLoop`` is the whole loop of one worker (its share of each epoch's batches and validation slides);
+the Ray Train worker (``jobs.train.train_loop_per_worker``) adds only Ray's context, DDP, gathering the
+workers' ``EpochShare``s and the report, and ``fit`` runs the same loop alone in this process (tests,
+benchmarks). Ray never appears here.
 
 One step (``training_step``), per slide of a batch with every class present:
 
@@ -24,17 +27,24 @@ Separate mode trains one half per phase: with the agent-reward signal the agent 
 [0, ceil(E/2))), then the SAM on the frozen agent's rewards; with "ats" the SAM first, as before.
 
 ``optimise`` wraps one step with the backward pass, the frozen half's gradients cleared and the SAM's
-gradient norm; ``validate`` scores held-out slides with ``pipeline.score_slide`` and measures what the
-attention and the glimpses do (``epoch_diagnostics``). ``attention_has_not_moved`` is the early warning.
+gradient norm; ``validate`` scores held-out slides with ``pipeline.score_slide`` (each with its
+``slide_seed``, as evaluation does) and measures what the attention and the glimpses do
+(``epoch_diagnostics``); ``epoch_metrics`` turns the workers' shares into the epoch's report.
+``attention_has_not_moved`` is the early warning. A checkpoint folder holds ``model.pt``, the optimiser
+state and the epoch's metrics (``save_training_checkpoint`` / ``load_train_state``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +52,7 @@ import torch
 from torch import nn
 
 from dual_attention import losses, metrics
+from dual_attention.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dual_attention.config import DualAttentionConfig
 from dual_attention.expectation import expected_features
 from dual_attention.metrics import aggregate_tile_probabilities
@@ -56,10 +67,13 @@ from dual_attention.pipeline import (
     check_tiles,
     model_device,
     score_slide,
+    slide_seed,
 )
 from dual_attention.sampling import attention_draw, locations_to_level0_boxes, sample_locations
 from dual_attention.slides import SlideError
 
+TRAIN_STATE_FILE = "train_state.pt"  # optimiser + scheduler state beside model.pt in a checkpoint
+METRICS_FILE = "metrics.json"  # the epoch's metrics and validation predictions, beside model.pt
 TILE_READ_THREADS = 8  # concurrent slide reads of a step: reads wait on I/O or on reader actors, not on us
 FLAT_ENTROPY = 0.995  # normalised attention entropy above this: the map has not moved from uniform
 MOVED_TUMOUR_RATIO = 1.1  # attention on tumour ÷ tumour's share at or below this: not on tumour
@@ -395,6 +409,7 @@ class SlideExample:
     level0_dims: tuple[int, int]
     read_tiles: ReadTiles
     tumour_mask: np.ndarray | None = None
+    path: str | None = None  # the slide file: a read error naming it is put down to this slide
 
 
 @dataclass
@@ -455,6 +470,18 @@ def _trail_in_tile(tile: Any) -> list[tuple[float, float]]:
             for x, y in tile.glimpse_trail_level0]
 
 
+def primary_validation_key(task: str) -> str:
+    """The key of the task's primary metric among an epoch's ``val_*`` figures (folds, the best-fold alias
+    and Tune's default ranking use it)."""
+    return f"val_{metrics.primary_metric(task)}"
+
+
+def validation_metrics(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics.slide_metrics`` of ``prediction_row`` rows."""
+    return metrics.slide_metrics(task, [r["label"] for r in rows], [r["predicted"] for r in rows],
+                                 [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+
+
 def epoch_diagnostics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """What the attention and the glimpses did on the validation slides: mean normalised attention
     entropy, attention on tumour ÷ tumour share, tumour fraction of the sampled tiles, and the spread of
@@ -481,27 +508,223 @@ def attention_has_not_moved(diagnostics: dict[str, float]) -> str | None:
     return None
 
 
-def validation_metrics(task: str, labels: Sequence[int], predicted: Sequence[int],
-                       probabilities: Sequence[Sequence[float]], confidence: Sequence[float]) -> dict[str, float]:
-    """Slide-level metrics from ``dual_attention.metrics``: accuracy, macro F1, AUROC (when both sides of
-    every class are present) and, for HER2, contest agreement points, combined points, weighted confidence."""
-    out: dict[str, float] = {"n_slides": float(len(labels))}
-    if not labels:
-        return out
-    truth = np.asarray(labels, dtype=np.int64)
-    pred = np.asarray(predicted, dtype=np.int64)
-    out["accuracy"] = float((truth == pred).mean())
-    out["f1_macro"] = metrics.f1(truth, pred)
-    try:
-        out["auroc"] = metrics.auroc(truth, np.asarray(probabilities, dtype=np.float64))
-    except ValueError:  # a single class among the validation slides: AUROC is undefined
-        out["auroc"] = float("nan")
-    if task == "her2":
-        out["her2_points"] = float(metrics.her2_agreement_points(truth, pred))
-        out["her2_points_fraction"] = out["her2_points"] / (15.0 * len(truth))
-        out["combined_points"] = metrics.combined_points(truth, pred, confidence)
-        out["weighted_confidence"] = metrics.weighted_confidence(truth, pred, confidence)
+# -- the loop: one worker's epochs (a process alone is rank 0 of 1) ----------------------------------------------
+
+
+@dataclass
+class ReadTimer:
+    """Seconds spent inside the wrapped ``ReadTiles`` and level-0 pixels read. A step's reads run in
+    several threads at once (``training_step``), so this is read time, not time the step waited: that is
+    the step's ``tile_wait_s``."""
+
+    read_s: float = 0.0
+    level0_pixels: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wrap(self, read_tiles: ReadTiles) -> ReadTiles:
+        def timed(boxes: Any) -> np.ndarray:
+            start = time.perf_counter()
+            try:
+                return read_tiles(boxes)
+            finally:
+                with self._lock:
+                    self.read_s += time.perf_counter() - start
+                    self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
+
+        return timed
+
+    def reset(self) -> None:
+        with self._lock:
+            self.read_s, self.level0_pixels = 0.0, 0
+
+
+@dataclass
+class EpochShare:
+    """One worker's share of an epoch: plain data, gathered from every worker for ``epoch_metrics``."""
+
+    terms: dict[str, float]  # mean step terms
+    val_rows: list[dict[str, Any]]  # ``prediction_row`` per validation slide of this worker
+    train_seconds: float
+    train_tile_wait_s: float  # the time the steps blocked on tile reads
+    read_s: float  # inside ReadTiles, training and validation
+    level0_pixels: int
+    epoch_seconds: float
+    bad_slides: dict[str, str]
+    steps: int
+
+
+class EpochLoop:
+    """The epochs of one worker, without Ray. ``rank`` of ``world`` workers takes every ``world``-th batch
+    of the epoch's class-balanced plan (drawn from the epoch's seed, so every worker draws the same plan)
+    and validates every ``world``-th validation slide, each with its ``slide_seed``; alone it is rank 0 of
+    1. ``step_module`` is the ``TrainingStep`` the steps go through (DDP-wrapped under Ray Train); the
+    model itself validates. A slide whose tiles cannot be read leaves training for good (``bad_slides``)."""
+
+    def __init__(self, model: DualAttentionModel, config: DualAttentionConfig, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, train_examples: Sequence[SlideExample], val_examples: Sequence[SlideExample] = (),
+                 *, step_module: nn.Module | None = None, rank: int = 0, world: int = 1) -> None:
+        self.model, self.config, self.optimizer, self.scheduler = model, config, optimizer, scheduler
+        self.step_module = step_module if step_module is not None else TrainingStep(model, config)
+        self.rank, self.world = rank, world
+        self.timer = ReadTimer()
+        self.train_examples = {e.slide_id: self._timed(e) for e in train_examples}
+        self.val_examples = [self._timed(e) for e in val_examples]
+        self.bad_slides: dict[str, str] = {}
+        self._slide_of_path = {e.path: e.slide_id for e in (*train_examples, *val_examples) if e.path}
+        self.steps_per_epoch = steps_per_epoch(config, len(self.train_examples), world)
+
+    def _timed(self, example: SlideExample) -> SlideExample:
+        return dataclasses.replace(example, read_tiles=self.timer.wrap(example.read_tiles))
+
+    def run_epoch(self, epoch: int, validate_now: bool = True) -> tuple[EpochShare, list[ValidatedSlide]]:
+        """Train this worker's steps of ``epoch``, step the scheduler, validate this worker's slides."""
+        started = time.perf_counter()
+        self.timer.reset()
+        step_terms = self.train_epoch(epoch)
+        train_seconds = time.perf_counter() - started
+        validated = self.validate() if validate_now else []
+        share = EpochShare(
+            terms=mean_terms(step_terms), val_rows=[prediction_row(v, self.config) for v in validated],
+            train_seconds=train_seconds, train_tile_wait_s=float(sum(t.get("tile_wait_s", 0.0) for t in step_terms)),
+            read_s=self.timer.read_s, level0_pixels=self.timer.level0_pixels,
+            epoch_seconds=time.perf_counter() - started, bad_slides=dict(self.bad_slides), steps=len(step_terms))
+        return share, validated
+
+    def train_epoch(self, epoch: int) -> list[dict[str, float]]:
+        config, seed = self.config, self.config.train.seed
+        live = [i for i in self.train_examples if i not in self.bad_slides]
+        plan = class_balanced_batches([self.train_examples[i].label for i in live], config.num_classes,
+                                      config.train.slides_per_batch, self.steps_per_epoch * self.world,
+                                      np.random.default_rng([seed, epoch]))
+        self.step_module.train()
+        step_terms = []
+        for step, indices in enumerate(plan[self.rank::self.world]):
+            step_terms.append(optimise_skipping_bad_slides(
+                self.step_module, self.model, self.optimizer,
+                lambda members: batch_of([self.train_examples[m] for m in members]),
+                [live[i] for i in indices], epoch, config, np.random.default_rng([seed, epoch, step, self.rank]),
+                epoch * self.steps_per_epoch + step, self.bad_slides, lambda path: self._slide_of_path.get(path, path)))
+        self.scheduler.step()
+        return step_terms
+
+    def validate(self) -> list[ValidatedSlide]:
+        """This worker's share of the validation slides, scored as evaluation scores them."""
+        seed = self.config.train.seed
+        return validate(self.model, self.config, self.val_examples[self.rank::self.world],
+                        lambda slide_id: slide_seed(seed, slide_id), self.bad_slides)
+
+
+def validation_figures(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Slide metrics and attention/glimpse diagnostics over ``prediction_row`` rows."""
+    return validation_metrics(task, rows) | epoch_diagnostics(rows)
+
+
+def epoch_metrics(config: DualAttentionConfig, epoch: int, shares: Sequence[EpochShare],
+                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """One epoch's report from every worker's share: mean training terms (``train_*``), validation
+    metrics and diagnostics over all validation slides (``val_*``, ``val_primary``), timings, and the
+    attention warning at its epoch."""
+    rows = sorted((r for share in shares for r in share.val_rows), key=lambda r: r["slide_id"])
+    val = validation_figures(config.task, rows)
+    terms = mean_terms([share.terms for share in shares if share.terms])
+    train_s = [share.train_seconds for share in shares]
+    wait_s = [share.train_tile_wait_s for share in shares]
+    bad_slides = {k: v for share in shares for k, v in share.bad_slides.items()}
+    out: dict[str, Any] = {"epoch": epoch, "phase": training_phase(config, epoch)}
+    out |= {f"train_{k}": v for k, v in terms.items()}
+    out |= {f"val_{k}": v for k, v in val.items()}
+    out |= {
+        "lr_sam": optimizer.param_groups[0]["lr"], "lr_agent": optimizer.param_groups[1]["lr"],
+        "epoch_seconds": max(share.epoch_seconds for share in shares),
+        "train_seconds": max(train_s),
+        # per worker, averaged: time blocked on tile reads vs the rest of the training steps
+        "train_tile_wait_seconds": float(np.mean(wait_s)),
+        "train_compute_seconds": float(np.mean([t - w for t, w in zip(train_s, wait_s, strict=True)])),
+        "train_tile_wait_fraction": float(np.sum(wait_s) / max(np.sum(train_s), 1e-9)),
+        "tile_wait_seconds_total": float(sum(share.read_s for share in shares)),  # inside ReadTiles, train + val
+        "level0_pixels_read": float(sum(share.level0_pixels for share in shares)),
+        "train_steps_per_worker": float(max(share.steps for share in shares)),
+        "slides_skipped_in_training": float(len(bad_slides)),
+        "bad_slides": json.dumps(bad_slides, sort_keys=True),
+    }
+    out["val_primary"] = out.get(primary_validation_key(config.task), float("nan"))
+    if epoch == config.train.attention_check_epoch:
+        warning = attention_has_not_moved(val)
+        out["attention_warning"] = warning or ""  # printed by rank 0
+        out["attention_moved"] = 0.0 if warning else 1.0  # the figure MLflow keeps
     return out
+
+
+def format_figure(value: Any) -> str:
+    """A figure for a progress line or table: 4 significant digits, nan, or n/a for None."""
+    if value is None:  # a figure that is undefined (AUROC on one class) or missing
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int, primary: str) -> str:
+    """The progress line: losses, whether the attention has moved (entropy 1 = flat; on tumour ÷ share
+    1 = blind to tumour), how well the agent reads, whether its glimpses differ between tiles, and time."""
+    def figure(key: str) -> str:
+        return format_figure(metrics.get(key))
+
+    return (f"[train] epoch {metrics['epoch'] + 1}/{epochs} ({metrics['phase']}) "
+            f"l_j={figure('train_l_j')} l_sa={figure('train_l_sa')} l_ha={figure('train_l_ha')} "
+            f"tile_acc={figure('train_tile_accuracy')} attn_entropy={figure('val_attention_entropy')} "
+            f"attn_on_tumour={figure('val_attention_tumour_ratio')} glimpse_spread={figure('val_glimpse_spread')} "
+            f"val_acc={figure('val_accuracy')} {primary}={figure(primary)} "
+            f"tile_wait={figure('train_tile_wait_fraction')} {metrics['epoch_seconds']:.1f}s")
+
+
+# -- checkpoint contents ---------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(directory: str | Path, model: DualAttentionModel, config: DualAttentionConfig,
+                             optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                             metrics: dict[str, Any], val_rows: Sequence[dict[str, Any]],
+                             extra: dict[str, Any] | None = None) -> Path:
+    """An epoch's checkpoint folder: ``model.pt`` (weights + config + epoch, the numeric metrics and
+    ``extra``), the optimiser and scheduler state (``TRAIN_STATE_FILE``) and the epoch's metrics with its
+    validation predictions (``METRICS_FILE``)."""
+    directory = Path(directory)
+    save_checkpoint(directory, model, config, extra={
+        "epoch": epoch, **(extra or {}),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) or k == "phase"},
+    })
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+               directory / TRAIN_STATE_FILE)
+    (directory / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "val_predictions": list(val_rows)},
+                                                     indent=1, default=float))
+    return directory
+
+
+def load_train_state(directory: str | Path, model: DualAttentionModel, optimizer: torch.optim.Optimizer,
+                     scheduler: Any) -> int:
+    """Load weights (+ optimiser/scheduler when saved) from a checkpoint folder; returns its epoch."""
+    directory = Path(directory)
+    loaded, _, extra = load_checkpoint(directory)
+    model.load_state_dict(loaded.state_dict())
+    state_path = directory / TRAIN_STATE_FILE
+    if state_path.is_file():
+        # weights_only: a checkpoint folder may come from anywhere (--resume, Tune's storage); unpickling
+        # arbitrary objects from it would run code. Adam's and StepLR's state dicts are plain tensors,
+        # numbers, lists and dicts, which the restricted unpickler accepts.
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception as error:  # torch raises several types for corrupt, foreign or poisoned files
+            raise CheckpointError(f"{state_path}: not a readable training state "
+                                  f"({type(error).__name__}: {error})") from error
+    return int(extra.get("epoch", -1))
+
+
+def val_predictions_of(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
+    """The validation predictions saved with a checkpoint (none for a folder without ``METRICS_FILE``)."""
+    path = Path(checkpoint_dir) / METRICS_FILE
+    return json.loads(path.read_text())["val_predictions"] if path.is_file() else []
 
 
 # -- the whole loop, in one process ------------------------------------------------------------------------------
@@ -511,55 +734,26 @@ def validation_metrics(task: str, labels: Sequence[int], predicted: Sequence[int
 class EpochRecord:
     epoch: int
     train: dict[str, float]  # mean step terms
-    val: dict[str, float]  # slide metrics + diagnostics
+    val: dict[str, Any]  # slide metrics + diagnostics
     seconds: float
     warning: str | None = None
 
 
 def fit(model: DualAttentionModel, config: DualAttentionConfig, train_examples: Sequence[SlideExample],
-        val_examples: Sequence[SlideExample] = (), seed_of: Callable[[str], int] | None = None,
-        on_epoch: Callable[[EpochRecord], None] | None = None, validate_every: int = 1) -> list[EpochRecord]:
-    """``config.train.epochs`` epochs of class-balanced batches through ``optimise`` in this process (no
-    DDP), validating every ``validate_every`` epochs and at the end. The Ray Train worker runs the same
-    steps over its share of the batches."""
-    import time
-
-    from dual_attention.pipeline import slide_seed
-
-    seed = config.train.seed
-    seed_of = seed_of or (lambda slide_id: slide_seed(seed, slide_id))
+        val_examples: Sequence[SlideExample] = (), on_epoch: Callable[[EpochRecord], None] | None = None,
+        validate_every: int = 1) -> list[EpochRecord]:
+    """``config.train.epochs`` epochs of the ``EpochLoop`` in this process (no DDP, rank 0 of 1),
+    validating every ``validate_every`` epochs and at the end: the steps a Ray Train worker runs."""
     optimizer, scheduler = build_optimizer(model, config)
-    step_module = TrainingStep(model, config)
-    by_id = {e.slide_id: e for e in train_examples}
-    ids = [e.slide_id for e in train_examples]
-    n_steps = steps_per_epoch(config, len(train_examples), 1)
-    bad_slides: dict[str, str] = {}
+    loop = EpochLoop(model, config, optimizer, scheduler, train_examples, val_examples)
     history: list[EpochRecord] = []
-    global_step = 0
-    model.train()
     for epoch in range(config.train.epochs):
-        started = time.perf_counter()
-        live = [i for i in ids if i not in bad_slides]
-        plan = class_balanced_batches([by_id[i].label for i in live], config.num_classes,
-                                      config.train.slides_per_batch, n_steps, np.random.default_rng([seed, epoch]))
-        step_terms = []
-        for step, indices in enumerate(plan):
-            rng = np.random.default_rng([seed, epoch, step, 0])
-            step_terms.append(optimise_skipping_bad_slides(
-                step_module, model, optimizer, lambda members: batch_of([by_id[m] for m in members]),
-                [live[i] for i in indices], epoch, config, rng, global_step, bad_slides, lambda path: path))
-            global_step += 1
-        scheduler.step()
-        val: dict[str, float] = {}
-        warning = None
-        if val_examples and ((epoch + 1) % validate_every == 0 or epoch == config.train.epochs - 1):
-            rows = [prediction_row(v, config) for v in validate(model, config, val_examples, seed_of, bad_slides)]
-            val = validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                                     [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
-            val |= epoch_diagnostics(rows)
-            if epoch == config.train.attention_check_epoch:
-                warning = attention_has_not_moved(val)
-        record = EpochRecord(epoch, mean_terms(step_terms), val, time.perf_counter() - started, warning)
+        validate_now = bool(val_examples) and ((epoch + 1) % validate_every == 0 or epoch == config.train.epochs - 1)
+        share, _ = loop.run_epoch(epoch, validate_now)
+        val = validation_figures(config.task, share.val_rows) if validate_now else {}
+        warning = attention_has_not_moved(val) if validate_now and epoch == config.train.attention_check_epoch \
+            else None
+        record = EpochRecord(epoch, share.terms, val, share.epoch_seconds, warning)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -111,7 +111,7 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
     from jobs import tracking
     from jobs.evaluate import evaluate_manifest
     from jobs.ray_runtime import start_ray
-    from jobs.train import run_training
+    from jobs.train import TrainRun, run_training
     from serve.app import build_app
 
     workdir = options.workdir.resolve()
@@ -148,8 +148,8 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
         with _step(steps, "train", f"Ray Train, {options.num_workers} workers, joint loss, "
                                    f"{options.epochs} epochs (preprocessing first)") as detail:
             run_dir = workdir / "runs" / time.strftime("%Y%m%d-%H%M%S")
-            report = run_training(config, manifest, run_dir, val_folds=[0], mlflow_uri=tracking_uri,
-                                  cache_dir=workdir / "cache", model_alias="candidate")
+            report = run_training(config, manifest, TrainRun(run_dir, val_folds=(0,), mlflow_uri=tracking_uri,
+                                                              cache_dir=workdir / "cache", model_alias="candidate"))
             model_name = report["model_name"]
             model_uri = f"models:/{model_name}@candidate"
             detail["text"] = f"-> registered {model_uri}"

@@ -26,7 +26,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import accuracy_score
 from tqdm import tqdm
 
 from dual_attention import metrics as slide_metrics_lib
@@ -84,31 +81,10 @@ def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int,
 
 def compute_metrics(labels: Sequence[int], predicted: Sequence[int], probabilities: np.ndarray,
                     confidences: Sequence[float], task: str) -> dict[str, Any]:
-    """Slide-level metrics (scikit-learn underneath). AUROC is None, with ``auroc_note`` saying why, when
-    the labels hold a single class."""
-    labels_a, predicted_a = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
-    n = int(labels_a.size)
-    out: dict[str, Any] = {"n_slides": n}
-    if n == 0:
-        return out
-    out["accuracy"] = float(accuracy_score(labels_a, predicted_a))
-    out["f1_macro"] = slide_metrics_lib.f1(labels_a, predicted_a, average="macro")
-    try:
-        with warnings.catch_warnings():  # an undefined AUROC is reported below, not warned about
-            warnings.simplefilter("ignore", UndefinedMetricWarning)
-            out["auroc"] = slide_metrics_lib.auroc(labels_a, np.asarray(probabilities, dtype=np.float64))
-    except ValueError as error:
-        out["auroc"], out["auroc_note"] = None, str(error)
-    if out["auroc"] is not None and not math.isfinite(out["auroc"]):  # a class absent from the labels
-        missing = sorted(set(range(np.asarray(probabilities).shape[1])) - set(labels_a.tolist()))
-        out["auroc"], out["auroc_note"] = None, f"AUROC undefined: classes {missing} absent from the labels"
-    if task == "her2":
-        points = slide_metrics_lib.her2_agreement_points(labels_a, predicted_a)
-        out["agreement_points"] = points
-        out["agreement_points_max"] = 15 * n
-        out["agreement_points_per_case"] = points / n
-        out["weighted_confidence"] = slide_metrics_lib.weighted_confidence(labels_a, predicted_a, confidences)
-        out["combined_points"] = slide_metrics_lib.combined_points(labels_a, predicted_a, confidences)
+    """``dual_attention.metrics.slide_metrics`` (the figures training validates with), plus the HER2
+    contest table's source for metrics.json."""
+    out = slide_metrics_lib.slide_metrics(task, labels, predicted, probabilities, confidences)
+    if "agreement_points" in out:
         out["contest_source"] = slide_metrics_lib.HER2_CONTEST_SOURCE
     return out
 

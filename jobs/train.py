@@ -6,7 +6,8 @@ What runs where:
   by ``jobs.preprocess``; a broken slide is skipped and reported), puts each slide's thumbnail and mask in
   the object store, and fits one ``TorchTrainer`` per validation fold.
 - Each Ray Train worker builds the model, restores the last checkpoint if there is one, wraps the model
-  in DDP (``ray.train.torch.prepare_model``; gloo on CPU) and runs the loop: per step a batch of slides
+  in DDP (``ray.train.torch.prepare_model``; gloo on CPU) and runs the core loop
+  (``dual_attention.training.EpochLoop``, which runs and is tested without Ray): per step a batch of slides
   with every class present (``class_balanced_batches``; the plan is drawn from the epoch's seed, so all
   workers agree on it and take every ``world_size``-th batch), ``pipeline.training_step`` for the loss,
   Adam with one learning rate for the SAM side (SAM + f_f + SAM head) and one for the agent, StepLR per
@@ -15,9 +16,10 @@ What runs where:
   so a restarted worker gets fresh readers). ``--tile-reader local`` reads with the same ``TileReader``
   code inside the worker process instead, saving the Ray round trip per slide (see
   benchmarks/bench_train_step.py for the measured difference).
-- Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers, gathered
-  on rank 0), and rank 0 reports metrics with a checkpoint (``dual_attention.checkpoint`` + optimiser
-  state + a few overlay PNGs) via ``ray.train.report``. ``FailureConfig(max_failures)`` restarts a lost
+- Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers; every
+  worker's ``EpochShare`` is gathered), and rank 0 reports ``training.epoch_metrics`` with a checkpoint
+  (``training.save_training_checkpoint`` + a few overlay PNGs) via ``ray.train.report``. The run's settings
+  are one frozen ``TrainRun``; the workers read one ``FoldJob``. ``FailureConfig(max_failures)`` restarts a lost
   worker group, which resumes from ``ray.train.get_checkpoint()``.
 - MLflow is written by the driver only, as each epoch ends: a Train controller callback forwards every
   report (rank 0's metrics, the persisted checkpoint) through a Ray queue to a logger thread of the driver
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -63,65 +66,74 @@ from typing import Any
 
 import numpy as np
 
-from dual_attention.config import DualAttentionConfig, preset
+from dual_attention.config import DualAttentionConfig
 from jobs.ray_runtime import start_ray
 
-TRAIN_STATE_FILE = "train_state.pt"  # optimiser + scheduler state beside model.pt in a checkpoint
-OVERLAY_DIR = "overlays"
-METRICS_FILE = "metrics.json"
+OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
+DEVICES = ("auto", "cpu", "gpu")
+TILE_READERS = ("pool", "local")
 
 
-# -- worker side ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainRun:
+    """How one training run is carried out, besides the model config: where it writes, where it tracks,
+    what its workers run on. Built once (from the command line in ``_main``, or by the quickstart,
+    Tune's trials and the benchmarks) and passed whole; the seeds are the config's (``train.seed``)."""
+
+    run_dir: Path
+    val_folds: tuple[int, ...] = (0,)
+    cache_dir: Path | None = None  # thumbnails and tissue masks; default <run_dir>/cache
+    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite in the run folder
+    experiment: str = "dual-attention"
+    model_name: str | None = None  # default dual-attention-<task>
+    model_alias: str = "candidate"
+    register: bool = True
+    device: str = "auto"  # auto: GPU workers when the cluster has GPUs
+    max_failures: int = 2  # worker-group restarts before a fold fails
+    resume_checkpoint: str | None = None  # a checkpoint folder to start from (weights, optimiser, epoch)
+    overlays_per_epoch: int = 2
+    tile_actors_per_worker: int = 1
+    tile_reader: str = "pool"  # pool: Ray tile-reader actors; local: OpenSlide in the worker process
+    torch_threads: int = 1  # torch intra-op threads per Train worker (each holds one logical CPU)
+    fail_at_epoch: int | None = None  # test hook: the last worker fails once at this epoch
+    fail_always_at_epoch: int | None = None  # test hook: ... at every attempt
+
+    def __post_init__(self) -> None:
+        from dual_attention.config import ConfigError
+
+        if self.device not in DEVICES or self.tile_reader not in TILE_READERS:
+            raise ConfigError(f"device must be one of {DEVICES} and tile_reader one of {TILE_READERS}, got "
+                              f"{self.device!r}, {self.tile_reader!r}")
+        for name in ("torch_threads", "tile_actors_per_worker"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < 0 or self.overlays_per_epoch < 0:
+            raise ConfigError("--max-failures and --overlays-per-epoch must be >= 0")
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.run_dir) / "cache"
+
+    def use_gpu(self) -> bool:
+        """Whether Train workers take a GPU (``auto`` asks the cluster; Ray must be running)."""
+        return cluster_has_gpu() if self.device == "auto" else self.device == "gpu"
 
 
-@dataclass
-class _Timer:
-    """Seconds spent inside the wrapped ``ReadTiles`` and level-0 pixels read. Training reads run in
-    several threads at once (``training.training_step``), so this is read time, not time the step
-    waited: that is the step's ``tile_wait_s``."""
+@dataclass(frozen=True)
+class FoldJob:
+    """Everything a Ray Train worker of one fold reads (the trainer's ``train_loop_config["job"]``)."""
 
-    read_s: float = 0.0
-    level0_pixels: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    config: DualAttentionConfig
+    cohort: PreparedCohort
+    run: TrainRun
+    val_fold: int
 
-    def wrap(self, read_tiles: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
-        def timed(boxes: Any) -> np.ndarray:
-            start = time.perf_counter()
-            try:
-                return read_tiles(boxes)
-            finally:
-                with self._lock:
-                    self.read_s += time.perf_counter() - start
-                    self.level0_pixels += sum(int(b.width) * int(b.height) for b in boxes)
-
-        return timed
+    @property
+    def fail_once_marker(self) -> Path:
+        return Path(self.run.run_dir) / f"failed_once_fold{self.val_fold}"
 
 
-def _primary_metric(task: str) -> str:
-    return "val_her2_points_fraction" if task == "her2" else "val_auroc"
-
-
-def _load_train_state(directory: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Load weights (+ optimiser/scheduler when saved) from a checkpoint folder; returns its epoch."""
-    import torch
-
-    from dual_attention.checkpoint import CheckpointError, load_checkpoint
-
-    loaded, _, extra = load_checkpoint(directory)
-    model.load_state_dict(loaded.state_dict())
-    state_path = directory / TRAIN_STATE_FILE
-    if state_path.is_file():
-        # weights_only: a checkpoint folder may come from anywhere (--resume, Tune's storage); unpickling
-        # arbitrary objects from it would run code. Adam's and StepLR's state dicts are plain tensors,
-        # numbers, lists and dicts, which the restricted unpickler accepts.
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except Exception as error:  # torch raises several types for corrupt, foreign or poisoned files
-            raise CheckpointError(f"{state_path}: not a readable training state "
-                                  f"({type(error).__name__}: {error})") from error
-    return int(extra.get("epoch", -1))
+# -- worker side: the core loop (dual_attention.training.EpochLoop) under Ray Train ------------------------------
 
 
 def _quiet_ray_train_reports() -> None:
@@ -136,112 +148,102 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The Ray Train worker: the core training loop (``dual_attention.training``) with DDP and reports."""
-    import ray
+    """The Ray Train worker: Ray Train's context, the model wrapped in DDP, the core ``EpochLoop`` over
+    this rank's share, the shares gathered, and one report per epoch (rank 0's with the checkpoint)."""
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     from dual_attention import training
     from dual_attention.models import DualAttentionModel
-    from dual_attention.pipeline import slide_seed
 
     _quiet_ray_train_reports()
-    config = DualAttentionConfig.from_dict(loop_config["config"])
+    job: FoldJob = loop_config["job"]
+    config, run, val_fold = job.config, job.run, job.val_fold
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Where Ray placed each worker (the workers SPREAD over the nodes; the cluster recipe test reads this).
     print(f"[train] worker {rank + 1}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    seed = config.train.seed
-    torch.manual_seed(seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+    torch.manual_seed(config.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    torch.set_num_threads(run.torch_threads)
 
     model = DualAttentionModel(config)
     optimizer, scheduler = training.build_optimizer(model, config)
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group, or a resumed run
-        with checkpoint.as_directory() as directory:
-            start_epoch = _load_train_state(Path(directory), model, optimizer, scheduler) + 1
-    elif loop_config.get("resume_checkpoint"):
-        start_epoch = _load_train_state(Path(loop_config["resume_checkpoint"]), model, optimizer, scheduler) + 1
+    start_epoch = _restore(model, optimizer, scheduler, run.resume_checkpoint)
     # Separate mode trains half the network per phase; the other half's parameters get no gradient.
     step_module = ray.train.torch.prepare_model(training.TrainingStep(model, config),
                                                 parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    slides: list[dict[str, Any]] = loop_config["slides"]
-    timer = _Timer()
-    readers = _WorkerTileReaders(loop_config, config.tile.tile_level0_px)
-    examples = {s["slide_id"]: example for s, example in zip(
-        slides, _worker_examples(slides, readers, timer), strict=True)}
-    train_ids = [s["slide_id"] for s in slides if s["fold"] != loop_config["val_fold"]]
-    val_ids = [s["slide_id"] for s in slides if s["fold"] == loop_config["val_fold"]]
-    bad_slides: dict[str, str] = {}
-    paths = {s["path"]: s["slide_id"] for s in slides}
-
-    n_steps = training.steps_per_epoch(config, len(train_ids), world)
-    fail_marker = loop_config.get("fail_once_marker")
-    fail_always_at = loop_config.get("fail_always_at_epoch")
+    slides = job.cohort.slides
+    readers = _WorkerTileReaders(run, config.tile.tile_level0_px)
+    examples = _worker_examples(job.cohort, readers)
+    loop = training.EpochLoop(model, config, optimizer, scheduler,
+                              [e for s, e in zip(slides, examples, strict=True) if s.fold != val_fold],
+                              [e for s, e in zip(slides, examples, strict=True) if s.fold == val_fold],
+                              step_module=step_module, rank=rank, world=world)
     try:
         for epoch in range(start_epoch, config.train.epochs):
-            if fail_marker and epoch == loop_config.get("fail_at_epoch") and rank == world - 1 \
-                    and not Path(fail_marker).exists():
-                Path(fail_marker).write_text(f"failed once at epoch {epoch}\n")
-                raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
-            if fail_always_at is not None and epoch == fail_always_at and rank == world - 1:
-                raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
-            epoch_start = time.perf_counter()
-            timer.read_s, timer.level0_pixels = 0.0, 0
-            live = [i for i in train_ids if i not in bad_slides]
-            plan = training.class_balanced_batches([examples[i].label for i in live], config.num_classes,
-                                                   config.train.slides_per_batch, n_steps * world,
-                                                   np.random.default_rng([seed, epoch]))
-            step_terms: list[dict[str, float]] = []
-            step_module.train()
-            for step, indices in enumerate(plan[rank::world]):
-                step_terms.append(training.optimise_skipping_bad_slides(
-                    step_module, model, optimizer,
-                    lambda members: training.batch_of([examples[m] for m in members]),
-                    [live[i] for i in indices], epoch, config, np.random.default_rng([seed, epoch, step, rank]),
-                    epoch * n_steps + step, bad_slides, lambda path: paths.get(path, path)))
-            scheduler.step()
-            # the time the steps blocked on tile reads (reads run in background threads, overlapping compute)
-            train_seconds = time.perf_counter() - epoch_start
-            train_wait = float(sum(t.get("tile_wait_s", 0.0) for t in step_terms))
-
-            # Validation, sharded over workers (base model, evaluation mode, one seed per slide).
-            shard = [examples[i] for i in val_ids[rank::world]]
-            validated = training.validate(model, config, shard, lambda slide_id: slide_seed(seed, slide_id),
-                                          bad_slides)
-            local = {"terms": training.mean_terms(step_terms), "val_rows": [
-                training.prediction_row(v, config) for v in validated],
-                "train_seconds": train_seconds, "train_tile_wait_s": train_wait, "read_s": timer.read_s,
-                "level0_pixels": timer.level0_pixels, "epoch_seconds": time.perf_counter() - epoch_start,
-                "bad_slides": dict(bad_slides), "steps": len(step_terms)}
-            gathered: list[Any] = [None] * world
-            if distributed:
-                dist.all_gather_object(gathered, local)
-            else:
-                gathered = [local]
-            for other in gathered:  # every worker learns every bad slide
-                bad_slides.update(other["bad_slides"])
-            metrics = _epoch_metrics(config, epoch, gathered, optimizer)
+            _inject_failure(job, epoch, rank, world)
+            share, validated = loop.run_epoch(epoch)
+            shares = _gather(share, world)
+            for other in shares:  # every worker learns every bad slide
+                loop.bad_slides.update(other.bad_slides)
+            metrics = training.epoch_metrics(config, epoch, shares, optimizer)
             if rank == 0:
-                # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
-                sys.stdout.write(_epoch_line(metrics, config.train.epochs, _primary_metric(config.task)) + "\n")
-                if metrics.get("attention_warning"):
-                    sys.stdout.write(f"[train] WARNING at epoch {epoch + 1}: {metrics['attention_warning']}; "
-                                     "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
-                sys.stdout.flush()
-                overlays = [v for v in validated[:int(loop_config.get("overlays_per_epoch", 2))]]
-                _report_with_checkpoint(model, config, optimizer, scheduler, epoch, loop_config["val_fold"],
-                                        metrics, gathered, overlays)
+                _print_epoch(metrics, config)
+                _report_with_checkpoint(model, config, optimizer, scheduler, val_fold, metrics, shares,
+                                        validated[:run.overlays_per_epoch])
             else:
                 ray.train.report(metrics, checkpoint=None)
     finally:
         readers.shutdown()
+
+
+def _restore(model: Any, optimizer: Any, scheduler: Any, resume_checkpoint: str | None) -> int:
+    """The epoch to start at: after Ray Train's latest checkpoint (a restarted worker group, a resumed run
+    folder), else after ``--resume CHECKPOINT``'s, else 0."""
+    import ray.train
+
+    from dual_attention.training import load_train_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return load_train_state(directory, model, optimizer, scheduler) + 1
+    if resume_checkpoint:
+        return load_train_state(resume_checkpoint, model, optimizer, scheduler) + 1
+    return 0
+
+
+def _inject_failure(job: FoldJob, epoch: int, rank: int, world: int) -> None:
+    """Test hooks of the fault-tolerance tests: the last rank fails once (a marker file remembers it), or
+    at every attempt, at the given epoch."""
+    if epoch == job.run.fail_at_epoch and rank == world - 1 and not job.fail_once_marker.exists():
+        job.fail_once_marker.write_text(f"failed once at epoch {epoch}\n")
+        raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
+    if epoch == job.run.fail_always_at_epoch and rank == world - 1:
+        raise RuntimeError(f"injected persistent worker failure at epoch {epoch} (test hook)")
+
+
+def _gather(share: Any, world: int) -> list[Any]:
+    """Every worker's ``EpochShare``, on every worker."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [share]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, share)
+    return gathered
+
+
+def _print_epoch(metrics: dict[str, Any], config: DualAttentionConfig) -> None:
+    from dual_attention.training import epoch_line, primary_validation_key
+
+    # write(), not print(): Ray Train patches print() to log and echo, which shows the line twice
+    sys.stdout.write(epoch_line(metrics, config.train.epochs, primary_validation_key(config.task)) + "\n")
+    if metrics.get("attention_warning"):
+        sys.stdout.write(f"[train] WARNING at epoch {metrics['epoch'] + 1}: {metrics['attention_warning']}; "
+                         "check loss.sam_signal, train.sam_warmup_steps and the learning rates\n")
+    sys.stdout.flush()
 
 
 class _WorkerTileReaders:
@@ -249,12 +251,12 @@ class _WorkerTileReaders:
     pool holds locks and cannot be shipped, and its actors die with the worker), or ``local``, the same
     ``TileReader`` code in this process."""
 
-    def __init__(self, loop_config: dict[str, Any], tile_px: int) -> None:
+    def __init__(self, run: TrainRun, tile_px: int) -> None:
         from jobs.tile_plane import TilePool, TileReader
 
         self.tile_px = tile_px
-        self.local = TileReader() if loop_config.get("tile_reader") == "local" else None
-        self.pool = None if self.local else TilePool(num_actors=int(loop_config.get("tile_actors_per_worker", 1)))
+        self.local = TileReader() if run.tile_reader == "local" else None
+        self.pool = None if self.local else TilePool(num_actors=run.tile_actors_per_worker)
 
     def read_tiles_fn(self, path: str) -> Callable[[Any], np.ndarray]:
         from dual_attention.slides import SlideError
@@ -277,78 +279,35 @@ class _WorkerTileReaders:
             self.pool.shutdown()
 
 
-def _worker_examples(slides: Sequence[dict[str, Any]], readers: _WorkerTileReaders, timer: _Timer) -> list[Any]:
+def _worker_examples(cohort: PreparedCohort, readers: _WorkerTileReaders) -> list[Any]:
     """Each slide's thumbnail, tissue mask and tumour mask (from the object store, fetched once per worker)
-    with a timed tile reader."""
+    with its tile reader."""
     import ray
 
     from dual_attention.training import SlideExample
 
-    arrays = ray.get([s["arrays_ref"] for s in slides])
-    return [SlideExample(slide_id=s["slide_id"], label=int(s["label"]), thumbnail=thumbnail, tissue_mask=tissue,
-                         level0_dims=tuple(s["level0_dims"]), read_tiles=timer.wrap(readers.read_tiles_fn(s["path"])),
-                         tumour_mask=tumour)
-            for s, (thumbnail, tissue, tumour) in zip(slides, arrays, strict=True)]
+    arrays = ray.get([cohort.arrays_refs[s.slide_id] for s in cohort.slides])
+    return [SlideExample(slide_id=s.slide_id, label=s.label, thumbnail=thumbnail, tissue_mask=tissue,
+                         level0_dims=s.level0_dims, read_tiles=readers.read_tiles_fn(s.path), tumour_mask=tumour,
+                         path=s.path)
+            for s, (thumbnail, tissue, tumour) in zip(cohort.slides, arrays, strict=True)]
 
 
-def _epoch_metrics(config: DualAttentionConfig, epoch: int, gathered: Sequence[dict[str, Any]],
-                   optimizer: Any) -> dict[str, Any]:
-    """One epoch's report from every worker's share: mean training terms, validation metrics and
-    diagnostics over all validation slides, timings, and the attention warning at its epoch."""
-    from dual_attention import training
-
-    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
-    val = training.validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                                      [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
-    val |= training.epoch_diagnostics(rows)
-    terms = training.mean_terms([g["terms"] for g in gathered if g["terms"]])
-    worker_train_s = [g["train_seconds"] for g in gathered]
-    worker_wait_s = [g["train_tile_wait_s"] for g in gathered]
-    bad_slides = {k: v for g in gathered for k, v in g["bad_slides"].items()}
-    metrics: dict[str, Any] = {"epoch": epoch, "phase": training.training_phase(config, epoch)}
-    metrics |= {f"train_{k}": v for k, v in terms.items()}
-    metrics |= {f"val_{k}": v for k, v in val.items()}
-    metrics |= {
-        "lr_sam": optimizer.param_groups[0]["lr"], "lr_agent": optimizer.param_groups[1]["lr"],
-        "epoch_seconds": max(g["epoch_seconds"] for g in gathered),
-        "train_seconds": max(worker_train_s),
-        # per worker, averaged: time inside ReadTiles vs the rest of the training steps
-        "train_tile_wait_seconds": float(np.mean(worker_wait_s)),
-        "train_compute_seconds": float(np.mean([t - w for t, w in zip(worker_train_s, worker_wait_s, strict=True)])),
-        "train_tile_wait_fraction": float(np.sum(worker_wait_s) / max(np.sum(worker_train_s), 1e-9)),
-        "tile_wait_seconds_total": float(sum(g["read_s"] for g in gathered)),  # inside ReadTiles, train + val
-        "level0_pixels_read": float(sum(g["level0_pixels"] for g in gathered)),
-        "train_steps_per_worker": float(max(g["steps"] for g in gathered)),
-        "slides_skipped_in_training": float(len(bad_slides)),
-        "bad_slides": json.dumps(bad_slides, sort_keys=True),
-    }
-    metrics["val_primary"] = metrics.get(_primary_metric(config.task), float("nan"))
-    if epoch == config.train.attention_check_epoch:
-        warning = training.attention_has_not_moved(val)
-        metrics["attention_warning"] = warning or ""  # printed by rank 0
-        metrics["attention_moved"] = 0.0 if warning else 1.0  # the figure MLflow keeps
-    return metrics
-
-
-def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any, epoch: int,
-                            val_fold: int, metrics: dict[str, Any], gathered: Sequence[dict[str, Any]],
+def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: Any, scheduler: Any,
+                            val_fold: int, metrics: dict[str, Any], shares: Sequence[Any],
                             overlays: Sequence[Any]) -> None:
-    """Rank 0: the checkpoint (weights + config, optimiser state, validation overlays of a fixed set of
-    slides, the epoch's predictions) reported with the epoch's metrics."""
+    """Rank 0: the epoch's checkpoint (``training.save_training_checkpoint``) plus validation overlays of a
+    fixed set of slides, reported with the epoch's metrics."""
     import ray.train
-    import torch
 
-    from dual_attention.checkpoint import save_checkpoint
-    from jobs.overlays import save_slide_score_overlay
+    from dual_attention.overlays import save_slide_score_overlay
+    from dual_attention.training import save_training_checkpoint
 
-    rows = sorted((r for g in gathered for r in g["val_rows"]), key=lambda r: r["slide_id"])
+    epoch = int(metrics["epoch"])
+    rows = sorted((r for share in shares for r in share.val_rows), key=lambda r: r["slide_id"])
     with tempfile.TemporaryDirectory(prefix="dual-attention-ckpt-") as directory:
-        save_checkpoint(directory, model, config, extra={
-            "epoch": epoch, "val_fold": val_fold,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) or k == "phase"},
-        })
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-                   Path(directory) / TRAIN_STATE_FILE)
+        save_training_checkpoint(directory, model, config, optimizer, scheduler, epoch, metrics, rows,
+                                 extra={"val_fold": val_fold})
         for validated in overlays:
             example, score = validated.example, validated.score
             save_slide_score_overlay(
@@ -356,36 +315,8 @@ def _report_with_checkpoint(model: Any, config: DualAttentionConfig, optimizer: 
                 config.slide.thumbnail_downsample, class_names=config.class_names,
                 title=f"{example.slide_id} (label {config.class_names[example.label]}, "
                       f"predicted {score.predicted_label}, epoch {epoch + 1})")
-        (Path(directory) / METRICS_FILE).write_text(json.dumps(
-            {"metrics": metrics, "val_predictions": rows}, indent=1, default=float))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:03d}")
-
-
-def _slide_id_of(slides: Sequence[dict[str, Any]], path: str) -> str:
-    for slide in slides:
-        if os.path.abspath(slide["path"]) == os.path.abspath(path):
-            return slide["slide_id"]
-    return str(path)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _epoch_line(metrics: dict[str, Any], epochs: int, primary: str) -> str:
-    """The progress line: losses, whether the attention has moved (entropy 1 = flat; on tumour ÷ share
-    1 = blind to tumour), how well the agent reads, whether its glimpses differ between tiles, and time."""
-    return (f"[train] epoch {metrics['epoch'] + 1}/{epochs} ({metrics['phase']}) "
-            f"l_j={_fmt(metrics.get('train_l_j'))} l_sa={_fmt(metrics.get('train_l_sa'))} "
-            f"l_ha={_fmt(metrics.get('train_l_ha'))} tile_acc={_fmt(metrics.get('train_tile_accuracy'))} "
-            f"attn_entropy={_fmt(metrics.get('val_attention_entropy'))} "
-            f"attn_on_tumour={_fmt(metrics.get('val_attention_tumour_ratio'))} "
-            f"glimpse_spread={_fmt(metrics.get('val_glimpse_spread'))} val_acc={_fmt(metrics.get('val_accuracy'))} "
-            f"{primary}={_fmt(metrics.get(primary))} tile_wait={_fmt(metrics['train_tile_wait_fraction'])} "
-            f"{metrics['epoch_seconds']:.1f}s")
 
 
 # -- driver side ---------------------------------------------------------------------------------------------
@@ -492,44 +423,30 @@ class FoldOutcome:
     registered: dict[str, str] | None = None
 
 
-def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int, *,
-             use_gpu: bool, max_failures: int, resume_checkpoint: str | None = None,
-             overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1, tile_reader: str = "pool",
-             fail_at_epoch: int | None = None, callbacks: Sequence[Any] = (),
-             fail_always_at_epoch: int | None = None) -> Any:
-    """One Ray Train run for one validation fold; returns the ``ray.train.Result``.
+def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun, val_fold: int,
+             callbacks: Sequence[Any] = ()) -> Any:
+    """One Ray Train run for one validation fold, under ``run.run_dir/ray/fold<k>``; returns the
+    ``ray.train.Result``.
 
     ``callbacks`` go to the trainer's ``RunConfig`` (the tuning job passes Tune's ``TuneReportCallback``
     there, so that every epoch's report reaches Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    val_ids = [s.slide_id for s in cohort.slides if s.fold == val_fold]
-    if not val_ids:
+    if not any(s.fold == val_fold for s in cohort.slides):
         raise ValueError(f"validation fold {val_fold} has no usable slide (manifest column 'fold')")
-    slides = [{"slide_id": s.slide_id, "path": s.path, "label": s.label, "fold": s.fold,
-               "level0_dims": list(s.level0_dims), "arrays_ref": cohort.arrays_refs[s.slide_id]}
-              for s in cohort.slides]
-    loop_config: dict[str, Any] = {
-        "config": config.to_dict(), "slides": slides, "val_fold": val_fold,
-        "resume_checkpoint": resume_checkpoint, "overlays_per_epoch": overlays_per_epoch,
-        "tile_actors_per_worker": tile_actors_per_worker, "tile_reader": tile_reader,
-    }
-    if fail_at_epoch is not None:
-        loop_config |= {"fail_at_epoch": fail_at_epoch, "fail_once_marker": str(run_dir / f"failed_once_fold{val_fold}")}
-    if fail_always_at_epoch is not None:
-        loop_config["fail_always_at_epoch"] = fail_always_at_epoch
+    use_gpu = run.use_gpu()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"job": FoldJob(config, cohort, run, val_fold)},
         # SPREAD: on a cluster the workers go to different nodes where they fit (each reads its own tiles,
         # so the nodes' disks and cores add up); on one node it places them as PACK would.
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu,
                                      placement_strategy="SPREAD"),
         run_config=RunConfig(
             name=f"fold{val_fold}",
-            storage_path=str((run_dir / "ray").resolve()),
-            failure_config=FailureConfig(max_failures=max_failures),
+            storage_path=str((Path(run.run_dir) / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's overlays reach MLflow
             callbacks=list(callbacks) or None,
             # Ray Train's own INFO lines (every report, every checkpoint) drown the one line per epoch that
@@ -689,30 +606,25 @@ def _local_checkpoint_dir(result: Any) -> str | None:
     return path if Path(path).is_dir() else None
 
 
-def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str | Path, *,
-                 val_folds: Sequence[int], mlflow_uri: str | None = None, experiment: str = "dual-attention",
-                 model_name: str | None = None, model_alias: str = "candidate", register: bool = True,
-                 device: str = "auto", max_failures: int = 2, resume_checkpoint: str | None = None,
-                 cache_dir: str | Path | None = None, overlays_per_epoch: int = 2, tile_actors_per_worker: int = 1,
-                 tile_reader: str = "pool",
-                 fail_at_epoch: int | None = None, fail_always_at_epoch: int | None = None) -> dict[str, Any]:
-    """The whole job: preprocess, one fit per validation fold, MLflow logging and registration, report.
+def run_training(config: DualAttentionConfig, manifest: str | Path, run: TrainRun) -> dict[str, Any]:
+    """The whole job: train ``config`` on ``manifest`` as ``run`` says: preprocess, one fit per validation
+    fold, MLflow logging and registration, report. Neither ``config`` nor ``run`` is changed.
 
-    Returns the report (also written to ``run_dir/report.json``)."""
+    Returns the report (also written to ``run.run_dir/report.json``)."""
     import mlflow
 
     from jobs import tracking
 
-    run_dir = Path(run_dir).resolve()
+    run = dataclasses.replace(run, run_dir=Path(run.run_dir).resolve(),
+                              model_name=run.model_name or tracking.default_model_name(config.task))
+    run_dir, val_folds, model_name, model_alias = run.run_dir, run.val_folds, run.model_name, run.model_alias
     run_dir.mkdir(parents=True, exist_ok=True)
     config.to_yaml(run_dir / "config.yaml")
     state_path = run_dir / "state.json"
     state = _read_json(state_path)
     start_ray()
-    use_gpu = {"auto": cluster_has_gpu(), "gpu": True, "cpu": False}[device]
-    config.train.use_gpu = use_gpu
 
-    cache = Path(cache_dir) if cache_dir else run_dir / "cache"
+    cache = run.cache
     started = time.perf_counter()
     cohort = prepare_cohort(manifest, config, cache)
     print(f"[train] preprocessed {len(cohort.slides) + len(cohort.skipped)} slides of {manifest} "
@@ -720,8 +632,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
     for skipped in cohort.skipped:
         print(f"[train] skipped slide {skipped['slide_id']} ({skipped['path']}): {skipped['reason']}", flush=True)
 
-    tracking.setup_mlflow(run_dir, mlflow_uri, experiment)
-    model_name = model_name or tracking.default_model_name(config.task)
+    tracking.setup_mlflow(run_dir, run.mlflow_uri, run.experiment)
     cross_validation = len(val_folds) > 1
     outcomes: list[FoldOutcome] = []
     parent = None  # with cross-validation, one parent MLflow run holds the fold runs and the pooled metrics
@@ -736,18 +647,11 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run_dir: str
                 state["params_logged"] = True
             _log_skipped(cohort.skipped)
         for val_fold in val_folds:
-            outcomes.append(_train_fold(
-                config, cohort, run_dir, val_fold, state, state_path, nested=cross_validation,
-                use_gpu=use_gpu, max_failures=max_failures, resume_checkpoint=resume_checkpoint,
-                overlays_per_epoch=overlays_per_epoch, tile_actors_per_worker=tile_actors_per_worker,
-                tile_reader=tile_reader,
-                fail_at_epoch=fail_at_epoch, manifest=str(manifest), model_name=model_name,
-                model_alias=model_alias if not cross_validation else f"{model_alias}-fold{val_fold}",
-                register=register, fail_always_at_epoch=fail_always_at_epoch))
+            outcomes.append(_train_fold(config, cohort, run, str(manifest), val_fold, state, state_path))
         combined = _combined_metrics(config, outcomes)
         if parent is not None:
             tracking.log_metrics({f"cv_{k}": v for k, v in combined.items()}, step=0)
-            if register:
+            if run.register:
                 _alias_best_fold(config, outcomes, model_name, model_alias)
             mlflow.end_run()
     except BaseException as error:
@@ -774,13 +678,13 @@ def _log_skipped(skipped: list[dict[str, str]]) -> None:
     mlflow.log_dict({"slides_skipped": skipped}, "slides_skipped.json")
 
 
-def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Path, val_fold: int,
-                state: dict[str, Any], state_path: Path, *, nested: bool, use_gpu: bool, max_failures: int,
-                resume_checkpoint: str | None, overlays_per_epoch: int, tile_actors_per_worker: int, tile_reader: str,
-                fail_at_epoch: int | None, manifest: str, model_name: str, model_alias: str,
-                register: bool, fail_always_at_epoch: int | None = None) -> FoldOutcome:
+def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun, manifest: str, val_fold: int,
+                state: dict[str, Any], state_path: Path) -> FoldOutcome:
+    """One fold: its MLflow run (nested under the cross-validation parent; continued on resume), the fit
+    with each epoch logged as it ends, the outcome, and the fold's model registered."""
     import mlflow
 
+    from dual_attention.training import val_predictions_of
     from jobs import tracking
 
     fold_state = state.setdefault("folds", {}).setdefault(str(val_fold), {})
@@ -791,15 +695,17 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         status = mlflow.MlflowClient().get_run(run_id).info.status
         print(f"[train] fold {val_fold}: continuing MLflow run {run_id} (was {status}; epochs up to "
               f"{int(fold_state.get('last_logged_epoch', -1))} already logged)", flush=True)
-    run = mlflow.start_run(run_id=run_id, nested=nested) if run_id else \
-        mlflow.start_run(run_name=f"{run_dir.name}-fold{val_fold}", nested=nested)
-    with run:
-        fold_state["mlflow_run_id"] = run.info.run_id
+    nested = len(run.val_folds) > 1
+    model_alias = f"{run.model_alias}-fold{val_fold}" if nested else run.model_alias
+    mlflow_run = mlflow.start_run(run_id=run_id, nested=nested) if run_id else \
+        mlflow.start_run(run_name=f"{run.run_dir.name}-fold{val_fold}", nested=nested)
+    with mlflow_run:
+        fold_state["mlflow_run_id"] = mlflow_run.info.run_id
         if not fold_state.get("params_logged"):
             tracking.log_config(config, extra={"val_fold": val_fold, "manifest": manifest,
-                                               "resume_checkpoint": resume_checkpoint or ""})
+                                               "resume_checkpoint": run.resume_checkpoint or ""})
             fold_state["params_logged"] = True
-        mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run_dir)})
+        mlflow.set_tags({"val_fold": str(val_fold), "task": config.task, "run_dir": str(run.run_dir)})
         _log_skipped(cohort.skipped)
         _write_json(state_path, state)
 
@@ -809,14 +715,10 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
 
         started = time.perf_counter()
         failure: Exception | None = None
-        with EpochLogger(mlflow.get_tracking_uri(), run.info.run_id, int(fold_state.get("last_logged_epoch", -1)),
+        with EpochLogger(mlflow.get_tracking_uri(), mlflow_run.info.run_id, int(fold_state.get("last_logged_epoch", -1)),
                          logged) as epoch_logger:
             try:
-                result = fit_fold(config, cohort, run_dir, val_fold, use_gpu=use_gpu, max_failures=max_failures,
-                                  resume_checkpoint=resume_checkpoint, overlays_per_epoch=overlays_per_epoch,
-                                  tile_actors_per_worker=tile_actors_per_worker, tile_reader=tile_reader,
-                                  fail_at_epoch=fail_at_epoch, callbacks=[epoch_logger.callback],
-                                  fail_always_at_epoch=fail_always_at_epoch)
+                result = fit_fold(config, cohort, run, val_fold, callbacks=[epoch_logger.callback])
             except Exception as error:  # ray.train.TrainingFailedError once --max-failures restarts are spent
                 failure = error
         if epoch_logger.errors:
@@ -830,7 +732,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
             mlflow.log_text(f"{type(failure).__name__}: {failure}\n", "error.txt")  # the whole report, once
             if not isinstance(failure, TrainingFailedError):
                 raise failure  # not a training failure (e.g. a refused input): its own message says what
-            raise TrainingFailed(val_fold, cause, run.info.run_id, run_dir, max_failures,
+            raise TrainingFailed(val_fold, cause, mlflow_run.info.run_id, run.run_dir, run.max_failures,
                                  int(fold_state.get("last_logged_epoch", -1))) from failure
         print(f"[train] fold {val_fold}: fit in {time.perf_counter() - started:.1f}s", flush=True)
         started = time.perf_counter()
@@ -841,22 +743,20 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run_dir: Pa
         history = _epoch_history(result)
         final_metrics = dict(history[-1][0]) if history else {}
         checkpoint_dir = _local_checkpoint_dir(result)
-        predictions: list[dict[str, Any]] = []
-        if checkpoint_dir and (Path(checkpoint_dir) / METRICS_FILE).is_file():
-            predictions = json.loads((Path(checkpoint_dir) / METRICS_FILE).read_text())["val_predictions"]
+        predictions = val_predictions_of(checkpoint_dir) if checkpoint_dir else []
         bad = json.loads(final_metrics.get("bad_slides", "{}") or "{}")
         if bad:  # slides that opened but whose tiles failed during training
             mlflow.log_dict({"slides_failed_during_training": bad}, "slides_failed_during_training.json")
         outcome = FoldOutcome(val_fold=val_fold, epochs_done=int(final_metrics.get("epoch", -1)) + 1,
                               final_metrics=final_metrics, checkpoint_dir=checkpoint_dir,
-                              mlflow_run_id=run.info.run_id, val_predictions=predictions,
+                              mlflow_run_id=mlflow_run.info.run_id, val_predictions=predictions,
                               error=None if result.error is None else str(result.error))
         if result.error is not None:
             mlflow.set_tag("error", str(result.error)[:5000])
             raise RuntimeError(f"training fold {val_fold} failed: {result.error}") from result.error
-        if register and checkpoint_dir:
-            registered = tracking.register_model(checkpoint_dir, config.class_names, model_name, model_alias,
-                                                 tags={"val_fold": str(val_fold), "run_dir": str(run_dir)})
+        if run.register and checkpoint_dir:
+            registered = tracking.register_model(checkpoint_dir, config.class_names, run.model_name, model_alias,
+                                                 tags={"val_fold": str(val_fold), "run_dir": str(run.run_dir)})
             outcome.registered = {"name": registered.name, "version": registered.version,
                                   "alias": registered.alias, "model_uri": registered.model_uri}
             mlflow.set_tag("registered_model", f"{registered.name}/{registered.version}@{registered.alias}")
@@ -868,7 +768,9 @@ def _alias_best_fold(config: DualAttentionConfig, outcomes: list[FoldOutcome], n
     """With cross-validation, point ``alias`` at the fold model with the best validation metric."""
     from mlflow import MlflowClient
 
-    primary = _primary_metric(config.task)
+    from dual_attention.training import primary_validation_key
+
+    primary = primary_validation_key(config.task)
     candidates = [o for o in outcomes if o.registered]
     if not candidates:
         return
@@ -889,8 +791,7 @@ def _combined_metrics(config: DualAttentionConfig, outcomes: list[FoldOutcome]) 
         return {}
     from dual_attention.training import validation_metrics
 
-    return validation_metrics(config.task, [r["label"] for r in rows], [r["predicted"] for r in rows],
-                              [r["probabilities"] for r in rows], [r["confidence"] for r in rows])
+    return validation_metrics(config.task, rows)
 
 
 def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:
@@ -900,7 +801,10 @@ def _outcome_summary(outcome: FoldOutcome) -> dict[str, Any]:
 
 
 def summary_table(config: DualAttentionConfig, outcomes: list[FoldOutcome], combined: dict[str, float]) -> str:
-    primary = _primary_metric(config.task)
+    from dual_attention.training import format_figure as _fmt
+    from dual_attention.training import primary_validation_key
+
+    primary = primary_validation_key(config.task)
     columns = ["train_l_j", "val_accuracy", "val_f1_macro", "val_auroc", primary, "train_tile_wait_fraction",
                "epoch_seconds"]
     columns = list(dict.fromkeys(columns))
@@ -917,50 +821,42 @@ def summary_table(config: DualAttentionConfig, outcomes: list[FoldOutcome], comb
 # -- command line ----------------------------------------------------------------------------------------------
 
 
+def add_run_flags(parser: argparse.ArgumentParser, *, experiment: str, model_alias: str, max_failures: int) -> None:
+    """The run flags the training and tuning jobs share (each with its own defaults where they differ)."""
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: GPU workers when the cluster has GPUs")
+    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run folder>/cache)")
+    parser.add_argument("--max-failures", type=int, default=max_failures,
+                        help="worker-group restarts before a training run gives up")
+    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per Train worker")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads per Train worker (each holds one logical CPU)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
+                                             "run folder)")
+    parser.add_argument("--experiment", default=experiment, help="MLflow experiment name")
+    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
+    parser.add_argument("--model-alias", default=model_alias, help="alias given to the registered version")
+    parser.add_argument("--no-register", action="store_true", help="do not register the model")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from dual_attention.config import add_config_flags
+
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", help="cohort manifest.parquet (required unless --resume RUN_DIR)")
-    parser.add_argument("--preset", default="cpu-small", help="config preset: paper-her2, paper-mmr, cpu-small")
-    parser.add_argument("--task", choices=("her2", "mmr"), help="switch the preset's task")
-    parser.add_argument("--config", help="YAML config file (full, or 'preset: NAME' plus changes)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config override, repeatable (e.g. --set loss.alpha=0.7)")
-    parser.add_argument("--epochs", type=int, help="train.epochs")
-    parser.add_argument("--num-workers", type=int, help="train.num_workers (Ray Train workers)")
-    parser.add_argument("--mode", choices=("joint", "separate"), help="train.mode")
-    parser.add_argument("--val-fold", type=int, help="train.val_fold: the manifest fold held out for validation")
+    add_config_flags(parser)
     parser.add_argument("--all-folds", action="store_true", help="one run per validation fold (k-fold CV)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="auto: GPU workers when the cluster has GPUs")
     parser.add_argument("--run-dir", help="run folder (default runs/<time>-<task>)")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="continue a stopped run folder, or start from a checkpoint folder (model.pt)")
-    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run-dir>/cache)")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in run dir)")
-    parser.add_argument("--experiment", default="dual-attention", help="MLflow experiment name")
-    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
-    parser.add_argument("--model-alias", default="candidate", help="alias given to the registered version")
-    parser.add_argument("--no-register", action="store_true", help="do not register the final model")
+    add_run_flags(parser, experiment="dual-attention", model_alias="candidate", max_failures=2)
     parser.add_argument("--overlays-per-epoch", type=int, default=2, help="validation overlays logged per epoch")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per worker")
-    parser.add_argument("--tile-reader", choices=("pool", "local"), default="pool",
+    parser.add_argument("--tile-reader", choices=TILE_READERS, default="pool",
                         help="pool: Ray tile-reader actors (default); local: OpenSlide in the worker process")
     parser.add_argument("--inject-failure-at-epoch", type=int, help=argparse.SUPPRESS)  # fault-tolerance tests
     # a worker that fails at this epoch on every attempt (failure-reporting tests)
     parser.add_argument("--inject-persistent-failure-at-epoch", type=int, help=argparse.SUPPRESS)
     return parser
-
-
-def _config_from_args(args: argparse.Namespace) -> DualAttentionConfig:
-    config = DualAttentionConfig.from_yaml(args.config) if args.config else preset(args.preset, task=args.task)
-    overrides = list(args.set)
-    for flag, key in (("epochs", "train.epochs"), ("num_workers", "train.num_workers"), ("mode", "train.mode"),
-                      ("val_fold", "train.val_fold")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    return config.with_overrides(overrides)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -981,20 +877,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from dual_attention.config import config_from_flags, flag_overrides
+
     resume_checkpoint: str | None = None
     if args.resume:
         resume = Path(args.resume)
+        overrides = flag_overrides(args, shortcuts=("--epochs",))  # the rest is the run's own
         if (resume / "config.yaml").is_file() and (resume / "state.json").is_file():  # a run folder
             run_dir = resume
-            config = DualAttentionConfig.from_yaml(resume / "config.yaml")
-            overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
-            config = config.with_overrides(overrides)
+            config = DualAttentionConfig.from_yaml(resume / "config.yaml").with_overrides(overrides)
             manifest = args.manifest or _read_json(resume / "state.json").get("manifest")
         elif (resume / "model.pt").is_file() or resume.name == "model.pt":
             from dual_attention.checkpoint import load_checkpoint
 
             _, config, extra = load_checkpoint(resume)
-            config = config.with_overrides(list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs else []))
+            config = config.with_overrides(overrides)
             done = int(extra.get("epoch", -1)) + 1
             if done >= config.train.epochs:
                 print(f"error: --resume {resume}: the checkpoint has {done} epoch(s) done and train.epochs is "
@@ -1008,7 +905,7 @@ def _main(args: argparse.Namespace) -> int:
                   "folder (model.pt)", file=sys.stderr)
             return 2
     else:
-        config = _config_from_args(args)
+        config = config_from_flags(args)
         run_dir = Path(args.run_dir) if args.run_dir else None
         manifest = args.manifest
     if not manifest:
@@ -1029,14 +926,15 @@ def _main(args: argparse.Namespace) -> int:
         val_folds = state.get("val_folds") if args.resume and state.get("val_folds") else [config.train.val_fold]
     state["val_folds"] = val_folds
     _write_json(run_dir / "state.json", state)
-    report = run_training(
-        config, manifest, run_dir, val_folds=val_folds, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
-        model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
-        device=args.device, max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
-        cache_dir=args.cache_dir, overlays_per_epoch=args.overlays_per_epoch,
-        tile_actors_per_worker=args.tile_actors_per_worker, tile_reader=args.tile_reader,
-        fail_at_epoch=args.inject_failure_at_epoch, fail_always_at_epoch=args.inject_persistent_failure_at_epoch,
-    )
+    run = TrainRun(
+        run_dir=run_dir, val_folds=tuple(val_folds), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        mlflow_uri=args.mlflow_uri, experiment=args.experiment, model_name=args.model_name,
+        model_alias=args.model_alias, register=not args.no_register, device=args.device,
+        max_failures=args.max_failures, resume_checkpoint=resume_checkpoint,
+        overlays_per_epoch=args.overlays_per_epoch, tile_actors_per_worker=args.tile_actors_per_worker,
+        tile_reader=args.tile_reader, torch_threads=args.torch_threads, fail_at_epoch=args.inject_failure_at_epoch,
+        fail_always_at_epoch=args.inject_persistent_failure_at_epoch)
+    report = run_training(config, manifest, run)
     print(f"[train] report: {Path(report['run_dir']) / 'report.json'}", flush=True)
     return 0
 

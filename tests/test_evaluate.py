@@ -125,6 +125,76 @@ def test_compute_metrics_by_hand_on_fixed_predictions() -> None:
     assert absent["auroc"] is None and "absent" in absent["auroc_note"]
 
 
+def _local_read_tiles(path: str, tile_px: int):  # noqa: ANN202 - the training worker's in-process reader
+    from dual_attention.slides import SlideError
+    from jobs.tile_plane import TileReader, TileRequest
+
+    reader = TileReader()
+
+    def read(boxes):  # noqa: ANN001, ANN202
+        results = reader.read_batch([TileRequest(path, box) for box in boxes])
+        for result in results:
+            if isinstance(result, SlideError):
+                raise result
+        return np.stack(results) if results else np.zeros((0, tile_px, tile_px, 3), np.uint8)
+
+    return read
+
+
+def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(tiny_cohort: Path,
+                                                                             tiny_checkpoint: Path) -> None:
+    """The figures a training run validates with are the ones evaluation reports: the same per-slide seed,
+    the same predictions and one metrics function (keys included), on the same slides and model."""
+    from dual_attention.checkpoint import load_checkpoint
+    from dual_attention.slides import SlideError
+    from dual_attention.training import (
+        EpochLoop,
+        EpochShare,
+        SlideExample,
+        build_optimizer,
+        epoch_metrics,
+        prediction_row,
+        validation_metrics,
+    )
+    from jobs.evaluate import evaluate_rows
+    from jobs.preprocess import load_or_compute_thumbnail
+
+    model, config, _ = load_checkpoint(tiny_checkpoint.parent)
+    rows = select_rows(tiny_cohort, task=config.task)
+    tile_px = config.tile.tile_level0_px
+    examples = []
+    for row in rows:  # as the training job prepares its slides (jobs.preprocess), the broken one left out
+        try:
+            thumbnail, tissue, dims = load_or_compute_thumbnail(row["path"], config, None)
+        except SlideError:
+            continue
+        examples.append(SlideExample(row["slide_id"], int(row["label"]), thumbnail, tissue, dims,
+                                     _local_read_tiles(row["path"], tile_px)))
+    seed = config.train.seed
+    optimizer, scheduler = build_optimizer(model, config)
+    loop = EpochLoop(model, config, optimizer, scheduler, [], examples)  # the worker's validation, rank 0 of 1
+    trained_rows = [prediction_row(v, config) for v in loop.validate()]
+    share = EpochShare(terms={}, val_rows=trained_rows, train_seconds=0.0, train_tile_wait_s=0.0, read_s=0.0,
+                       level0_pixels=0, epoch_seconds=0.0, bad_slides={}, steps=0)
+    reported = epoch_metrics(config, 0, [share], optimizer)  # what the epoch's report and MLflow get
+
+    report = evaluate_rows(model, config, rows, _local_read_tiles, seed=seed, progress=False)
+    assert [s["slide_id"] for s in report.skipped] == ["broken"]
+    by_id = {p["slide_id"]: p for p in report.predictions}
+    assert sorted(by_id) == sorted(r["slide_id"] for r in trained_rows) == ["s0", "s1", "s2", "s3"]
+    for row in trained_rows:
+        evaluated = by_id[row["slide_id"]]
+        assert evaluated["predicted_class"] == row["predicted"]
+        assert [evaluated[f"prob_{name}"] for name in config.class_names] == pytest.approx(row["probabilities"])
+    evaluated_metrics = {k: v for k, v in report.metrics.items() if k != "contest_source"}
+    training_metrics = validation_metrics(config.task, trained_rows)
+    assert evaluated_metrics.keys() == training_metrics.keys()
+    assert "agreement_points_per_case" in training_metrics
+    for key, value in evaluated_metrics.items():
+        same = value if value is None or isinstance(value, str) else pytest.approx(value)
+        assert training_metrics[key] == same and reported[f"val_{key}"] == same, key
+
+
 def test_select_rows_filters_folds_and_refuses_another_task(tiny_cohort: Path, tmp_path: Path) -> None:
     rows = select_rows(tiny_cohort, folds=[1], task="her2")
     assert sorted(r["slide_id"] for r in rows) == ["s1", "s3"]

@@ -68,11 +68,11 @@ def _optimizer_after_a_step(model: DualAttentionModel) -> tuple[torch.optim.Opti
 
 
 def test_train_state_round_trips_under_weights_only_and_a_poisoned_one_is_refused(tmp_path: Path) -> None:
-    from jobs.train import TRAIN_STATE_FILE, _load_train_state
+    from dual_attention.training import TRAIN_STATE_FILE, load_train_state
 
     model, folder = _small_checkpoint(tmp_path / "ckpt")
     optimizer, scheduler = _optimizer_after_a_step(model)
-    # written the way jobs.train._report_checkpoint writes it
+    # written the way dual_attention.training.save_training_checkpoint writes it
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": 4},
                folder / TRAIN_STATE_FILE)
 
@@ -80,7 +80,7 @@ def test_train_state_round_trips_under_weights_only_and_a_poisoned_one_is_refuse
     from dual_attention.training import build_optimizer
 
     fresh_optimizer, fresh_scheduler = build_optimizer(fresh, preset("cpu-small"))
-    assert _load_train_state(folder, fresh, fresh_optimizer, fresh_scheduler) == 4
+    assert load_train_state(folder, fresh, fresh_optimizer, fresh_scheduler) == 4
     restored, saved = fresh_optimizer.state_dict(), optimizer.state_dict()
     assert restored["param_groups"] == saved["param_groups"]
     assert restored["state"].keys() == saved["state"].keys() and len(saved["state"]) > 0
@@ -92,16 +92,16 @@ def test_train_state_round_trips_under_weights_only_and_a_poisoned_one_is_refuse
     marker = tmp_path / "marker"
     _poison_file(folder / TRAIN_STATE_FILE, marker, payload_key="optimizer")
     with pytest.raises(CheckpointError, match=r"ckpt/train_state\.pt: not a readable training state"):
-        _load_train_state(folder, fresh, fresh_optimizer, fresh_scheduler)
+        load_train_state(folder, fresh, fresh_optimizer, fresh_scheduler)
     assert not marker.exists()
 
 
 def test_ray_train_checkpoint_restore_refuses_a_poisoned_train_state(tmp_path: Path) -> None:
     """Tune trials and restarted Train workers resume through ``ray.train.get_checkpoint()`` ->
-    ``Checkpoint.as_directory()`` -> ``_load_train_state``: the same refusal through Ray's checkpoint."""
+    ``Checkpoint.as_directory()`` -> ``load_train_state``: the same refusal through Ray's checkpoint."""
     from ray.train import Checkpoint
 
-    from jobs.train import TRAIN_STATE_FILE, _load_train_state
+    from dual_attention.training import TRAIN_STATE_FILE, load_train_state
 
     model, folder = _small_checkpoint(tmp_path / "epoch_4")
     marker = tmp_path / "marker"
@@ -111,7 +111,7 @@ def test_ray_train_checkpoint_restore_refuses_a_poisoned_train_state(tmp_path: P
     optimizer, scheduler = build_optimizer(model, preset("cpu-small"))
     with Checkpoint.from_directory(str(folder)).as_directory() as directory, \
             pytest.raises(CheckpointError, match=r"train_state\.pt"):
-        _load_train_state(Path(directory), model, optimizer, scheduler)
+        load_train_state(Path(directory), model, optimizer, scheduler)
     assert not marker.exists()
 
 
@@ -131,14 +131,18 @@ def test_registered_model_with_poisoned_artifacts_is_refused_by_serve_and_score(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking_uri = sqlite_uri(tmp_path / "mlflow.db")
     _, folder = _small_checkpoint(tmp_path / "ckpt")
-    previous = mlflow.get_tracking_uri()
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
+    # the registry too: a training run earlier in the session (jobs.tracking.setup_mlflow) leaves the
+    # process's registry URI on its own store, where the model would otherwise be registered
+    mlflow.set_registry_uri(tracking_uri)
     try:
         mlflow.set_experiment("load-safety")
         with mlflow.start_run():
             registered = register_model(folder, CLASS_NAMES["her2"], "poisoned", alias="champion")
     finally:
         mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

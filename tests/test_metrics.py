@@ -111,3 +111,15 @@ def test_glimpse_spread_is_zero_for_one_path_for_every_tile() -> None:
     apart = one_path.copy()
     apart[:, 1:] += np.random.default_rng(1).uniform(-0.5, 0.5, (6, 2, 2))
     assert metrics.glimpse_spread(apart) > 0.1
+
+
+def test_each_task_has_one_primary_metric_among_the_slide_metrics() -> None:
+    her2 = metrics.slide_metrics("her2", [0, 1, 2, 3], [0, 1, 2, 2], np.eye(4), [0.9, 0.8, 0.7, 0.6])
+    mmr = metrics.slide_metrics("mmr", [0, 1, 1], [0, 1, 0], np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]),
+                                [0.9, 0.8, 0.6])
+    assert metrics.primary_metric("her2") == "agreement_points_per_case"
+    assert her2["agreement_points_per_case"] == pytest.approx((15 + 15 + 15 + 5) / 4)
+    # MMR is ranked by macro F1, which every validation fold defines (AUROC needs both classes)
+    assert metrics.primary_metric("mmr") == "f1_macro" and mmr["f1_macro"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unknown task"):
+        metrics.primary_metric("pdl1")

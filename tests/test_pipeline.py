@@ -350,6 +350,71 @@ def test_fit_runs_the_training_loop_without_ray_and_reports_what_it_learns(confi
     assert first.warning is None and last.warning is not None and "flat" in last.warning
 
 
+def test_the_workers_loop_runs_without_ray_shares_the_epoch_and_checkpoints(config, tmp_path: Path) -> None:
+    """The Ray Train worker's loop (``EpochLoop``) in one process: two ranks of one epoch take disjoint
+    halves of the same batch plan and of the validation slides, a slide whose reads fail leaves training
+    under its slide id, the gathered shares make one report, and the checkpoint restores weights,
+    optimiser and epoch."""
+    from dual_attention.slides import SlideError
+    from dual_attention.training import (
+        EpochLoop,
+        SlideExample,
+        build_optimizer,
+        class_balanced_batches,
+        epoch_metrics,
+        load_train_state,
+        save_training_checkpoint,
+        val_predictions_of,
+    )
+
+    run = config.with_overrides({"train.epochs": 1, "train.steps_per_epoch": 1, "train.sam_warmup_steps": 0,
+                                 "train.slides_per_batch": 4})
+    slides = [ArraySlide(40 + i, label=i % 4) for i in range(12)]
+
+    def broken(boxes):  # noqa: ANN001, ANN202
+        raise SlideError("/slides/t3.svs", "truncated JPEG tile")
+
+    examples = [SlideExample(f"t{i}", s.label, s.thumbnail, s.tissue, s.dims, s.read_tiles, path=f"/slides/t{i}.svs")
+                for i, s in enumerate(slides)]
+    examples[3].read_tiles = broken
+    plan = class_balanced_batches([e.label for e in examples[:8]], 4, 4, 2, np.random.default_rng([run.train.seed, 0]))
+    shares, loops = [], []
+    for rank in (0, 1):
+        for slide in slides:
+            slide.boxes_read = []
+        torch.manual_seed(0)
+        model = DualAttentionModel(run)
+        optimizer, scheduler = build_optimizer(model, run)
+        loop = EpochLoop(model, run, optimizer, scheduler, examples[:8], examples[8:], rank=rank, world=2)
+        share, validated = loop.run_epoch(0)
+        assert share.steps == 1 and {v.example.slide_id for v in validated} == {f"t{8 + rank}", f"t{10 + rank}"}
+        # this rank's step read its batch of the shared plan (less the broken slide), and nothing else
+        assert {i for i in range(8) if slides[i].boxes_read} == set(plan[rank]) - {3}
+        shares.append(share)
+        loops.append(loop)
+    (failed,) = [share for share in shares if share.bad_slides]  # t3 is in one batch: named by slide id
+    assert list(failed.bad_slides) == ["t3"] and "truncated JPEG tile" in failed.bad_slides["t3"]
+
+    metrics = epoch_metrics(run, 0, shares, loops[0].optimizer)
+    assert metrics["val_n_slides"] == 4 and metrics["train_steps_per_worker"] == 1.0
+    assert metrics["val_primary"] == metrics["val_agreement_points_per_case"]
+    assert metrics["slides_skipped_in_training"] == 1.0 and metrics["level0_pixels_read"] > 0
+
+    loop = loops[0]
+    rows = sorted(r for share in shares for r in [row["slide_id"] for row in share.val_rows])
+    save_training_checkpoint(tmp_path / "ckpt", loop.model, run, loop.optimizer, loop.scheduler, 0, metrics,
+                             [r for share in shares for r in share.val_rows], extra={"val_fold": 2})
+    fresh = DualAttentionModel(run)
+    fresh_optimizer, fresh_scheduler = build_optimizer(fresh, run)
+    assert load_train_state(tmp_path / "ckpt", fresh, fresh_optimizer, fresh_scheduler) == 0
+    for (name, a), b in zip(fresh.state_dict().items(), loop.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert fresh_optimizer.state_dict()["state"].keys() == loop.optimizer.state_dict()["state"].keys()
+    assert fresh_scheduler.state_dict() == loop.scheduler.state_dict()
+    assert sorted(r["slide_id"] for r in val_predictions_of(tmp_path / "ckpt")) == rows
+    assert load_checkpoint(tmp_path / "ckpt")[2]["val_fold"] == 2
+
+
 def test_a_steps_tile_reads_run_at_once(config) -> None:
     """Each slide's read starts as soon as its boxes are drawn and runs beside the others: here every read
     waits until all four are in flight, which a step reading slide by slide would never reach."""

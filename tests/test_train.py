@@ -94,6 +94,51 @@ def test_resume_from_a_finished_checkpoint_asks_for_more_epochs(tmp_path: Path,
     assert f"pass --epochs greater than {epochs}" in capsys.readouterr().err
 
 
+def test_run_settings_and_the_config_are_frozen_and_bad_settings_are_refused_by_flag(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dual_attention.config import ConfigError
+    from jobs.train import TrainRun
+
+    run = TrainRun(tmp_path / "run", val_folds=(0, 1), torch_threads=2)
+    assert run.cache == tmp_path / "run" / "cache" and run.torch_threads == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.max_failures = 5  # type: ignore[misc]
+    config = preset("cpu-small")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]  # run_training cannot change its caller's config
+    for bad, named in (({"torch_threads": 0}, "--torch-threads"), ({"tile_actors_per_worker": 0},
+                       "--tile-actors-per-worker"), ({"device": "tpu"}, "device")):
+        with pytest.raises(ConfigError, match=named):
+            TrainRun(tmp_path, **bad)
+
+
+def test_a_config_saved_with_the_removed_train_use_gpu_still_loads() -> None:
+    """Checkpoints, run folders and registered models written before train.use_gpu was removed carry it."""
+    from dual_attention.config import DualAttentionConfig
+
+    config = preset("cpu-small")
+    old = config.to_dict()
+    assert "use_gpu" not in old["train"]
+    old["train"]["use_gpu"] = True
+    assert DualAttentionConfig.from_dict(old) == config
+
+
+def test_train_and_tune_read_the_same_config_flags() -> None:
+    from dual_attention.config import config_from_flags
+    from jobs.train import build_parser as train_parser
+    from tune.search import build_parser as tune_parser
+
+    flags = ["--preset", "cpu-small", "--task", "mmr", "--epochs", "3", "--num-workers", "1", "--val-fold", "2",
+             "--set", "loss.alpha=0.7"]
+    trained = config_from_flags(train_parser().parse_args(flags))
+    tuned_args = tune_parser().parse_args([*flags, "--mode", "min"])  # tune's --mode: the metric's direction
+    assert config_from_flags(tuned_args) == trained and tuned_args.mode == "min"
+    assert (trained.task, trained.train.epochs, trained.train.num_workers, trained.train.val_fold,
+            trained.loss.alpha, trained.train.mode) == ("mmr", 3, 1, 2, 0.7, "joint")
+    assert config_from_flags(train_parser().parse_args(["--mode", "separate"])).train.mode == "separate"
+
+
 # -- a real run ------------------------------------------------------------------------------------------------
 
 BROKEN_ID = "broken-slide"

@@ -99,7 +99,7 @@ def test_searchers_start_at_the_centre_and_sample_inside_the_space(searcher: str
     algorithm = _searcher(settings, space, max_concurrent=2)
     if searcher == "optuna":
         assert isinstance(algorithm, Searcher)
-        assert algorithm.set_search_properties("val_her2_points_fraction", "max", space.to_tune())
+        assert algorithm.set_search_properties("val_agreement_points_per_case", "max", space.to_tune())
         suggestions = [algorithm.suggest(f"t{i}") for i in range(4)]
     else:
         algorithm.add_configurations({"search": {"run": _noop_trainable, "config": space.to_tune(), "num_samples": 4}})
@@ -388,7 +388,7 @@ def test_a_killed_search_resumes_without_rerunning_its_finished_trial(
     children = _children(client, parent_run_id)
     assert sorted(c.data.tags["tune_trial_id"] for c in children) == sorted(after)  # one child run per trial
     finished_child = next(c for c in children if c.data.tags["tune_trial_id"] == finished)
-    steps = [m.step for m in client.get_metric_history(finished_child.info.run_id, "val_her2_points_fraction")]
+    steps = [m.step for m in client.get_metric_history(finished_child.info.run_id, "val_agreement_points_per_case")]
     assert sorted(steps) == list(range(EPOCHS))  # each epoch logged once
     assert report["mlflow"]["parent_run_id"] == parent_run_id
     assert client.get_run(parent_run_id).info.status == "FINISHED"

@@ -11,8 +11,8 @@ How it runs (Ray 2.60, Train V2):
   ``TorchTrainer`` for the trial's config; Tune's ``TuneReportCallback`` in the trainer's ``RunConfig``
   forwards every epoch's ``ray.train.report`` to Tune.
 - ASHA (``AsyncHyperBandScheduler``) stops trials that trail at a rung, on the validation metric:
-  ``val_her2_points_fraction`` (HER2 contest agreement points / 15 per slide) or ``val_f1_macro`` for MMR,
-  unless ``--metric`` says otherwise; time axis ``epochs_done``.
+  the task's primary validation metric (``dual_attention.metrics.primary_metric``: HER2 contest agreement
+  points per case, of 15, or macro F1 for MMR), unless ``--metric`` says otherwise; time axis ``epochs_done``.
 - Random search (seeded) or Optuna's TPE (``--searcher optuna``); the first trial is the centre.
 - ``max_concurrent_trials`` = the trials that fit the cluster's CPUs (and GPUs): each trial needs its
   Train workers, their tile-reader actors and its own small actor (``ray.cluster_resources()``).
@@ -31,7 +31,7 @@ metrics in the child; the best trial's best-epoch checkpoint is registered (defa
 
 Resuming: ``--resume EXPERIMENT_DIR`` continues a stopped search (``Tuner.restore``): finished trials are
 kept, unfinished ones are restarted and continue from their last Train checkpoint, the searcher goes on
-from its saved state. Trial checkpoints load with ``weights_only`` (``jobs.train._load_train_state``), but
+from its saved state. Trial checkpoints load with ``weights_only`` (``dual_attention.training.load_train_state``), but
 ``Tuner.restore`` itself unpickles Ray's experiment state (trainable, searcher, callbacks): resume only an
 experiment folder this project wrote, on storage others cannot write to. ``--storage-path`` and ``--mlflow-uri`` may point at shared storage (a path every
 node sees, a tracking server), so the same command runs on a multi-node cluster (``RAY_ADDRESS``).
@@ -52,13 +52,12 @@ from typing import Any
 
 import yaml
 
-from dual_attention.config import ConfigError, DualAttentionConfig, preset
+from dual_attention.config import ConfigError, DualAttentionConfig, config_from_flags
 from tune.space import DEFAULT_SPACE_PATH, NOISE_WIDTH, SearchSpace, SearchSpaceError, space_from_dict
 
 SETTINGS_FILE = "search.json"
 SPACE_FILE = "space.yaml"
 RESULTS_DIR = "results"
-DEFAULT_METRIC = {"her2": "val_her2_points_fraction", "mmr": "val_f1_macro"}
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's worker poll period (--train-poll-s)
 
 
@@ -74,7 +73,7 @@ class SearchSettings:
     name: str
     num_samples: int = 8
     searcher: str = "random"  # random | optuna
-    metric: str | None = None  # default: DEFAULT_METRIC[task]
+    metric: str | None = None  # default: primary_validation_key(task)
     mode: str = "max"
     grace_period: int = 1
     reduction_factor: int = 2
@@ -82,6 +81,7 @@ class SearchSettings:
     seed: int = 0
     device: str = "auto"
     tile_actors_per_worker: int = 1
+    torch_threads: int = 1
     max_failures: int = 0
     train_poll_interval_s: float | None = None
     cache_dir: str | None = None  # thumbnails and tissue masks (default <experiment>/cache)
@@ -103,8 +103,20 @@ class SearchSettings:
     def search_space(self) -> SearchSpace:
         return space_from_dict(self.space, self.base(), source=f"search space {self.space_source}")
 
+    def trial_run(self, use_gpu: bool | None = None) -> Any:
+        """The ``jobs.train.TrainRun`` every trial fits with (its run folder holds one folder per trial);
+        ``use_gpu`` fixes the device the search resolved once. Refuses bad values by the training job's rules."""
+        from jobs.train import TrainRun
+
+        device = self.device if use_gpu is None else ("gpu" if use_gpu else "cpu")
+        return TrainRun(self.experiment_dir / "trial_runs", device=device, max_failures=self.max_failures,
+                        overlays_per_epoch=0, tile_actors_per_worker=self.tile_actors_per_worker,
+                        torch_threads=self.torch_threads)
+
     def metric_name(self) -> str:
-        return self.metric or DEFAULT_METRIC[self.base_config["task"]]
+        from dual_attention.training import primary_validation_key  # torch: not at import (fast --help)
+
+        return self.metric or primary_validation_key(self.base_config["task"])
 
     def save(self) -> None:
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
 
     from jobs import tracking
     from jobs.ray_runtime import start_ray
-    from jobs.train import cluster_has_gpu, prepare_cohort
+    from jobs.train import prepare_cohort
     from tune import results as results_mod
     from tune.cleanup import ReleaseStoppedTrials, start_ledger
     from tune.mlflow_runs import (
@@ -203,7 +215,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     epochs = base.train.epochs
 
     start_ray()
-    use_gpu = {"auto": cluster_has_gpu(), "gpu": True, "cpu": False}[settings.device]
+    use_gpu = settings.trial_run().use_gpu()  # asked once: every trial gets the same answer
     per_trial = trial_resources(base.train.num_workers, settings.tile_actors_per_worker, use_gpu)
     concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), per_trial)
     gpus = f", {per_trial['GPU']:g} GPU" if use_gpu else ""
@@ -230,9 +242,7 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
         print(f"[tune] skipped slide {skipped['slide_id']} ({skipped['path']}): {skipped['reason']}", flush=True)
     ledger_name = _ledger_name(experiment_dir)
     ledger = start_ledger(ledger_name)
-    job = TrialJob(space=space, cohort=cohort, trial_runs_dir=str(experiment_dir / "trial_runs"), use_gpu=use_gpu,
-                   max_failures=settings.max_failures, tile_actors_per_worker=settings.tile_actors_per_worker,
-                   ledger_name=ledger_name)
+    job = TrialJob(space=space, cohort=cohort, run=settings.trial_run(use_gpu), ledger_name=ledger_name)
     # The trial's actor reserves only its own share: its Train workers and tile readers ask for theirs when
     # the trial starts them. Reserving the whole per_trial demand here held those CPUs twice, so the workers
     # of the trials running at once could not be placed (per_trial only sizes the concurrency above).
@@ -355,21 +365,19 @@ def _searcher(settings: SearchSettings, space: SearchSpace, max_concurrent: int)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from dual_attention.config import add_config_flags
+    from jobs.train import add_run_flags
+
     parser = argparse.ArgumentParser(prog=prog or "python -m tune.search", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", help="cohort manifest.parquet (required unless --resume)")
-    parser.add_argument("--preset", default="cpu-small", help="base config preset: paper-her2, paper-mmr, cpu-small")
-    parser.add_argument("--task", choices=("her2", "mmr"), help="switch the preset's task")
-    parser.add_argument("--config", help="base config YAML (full, or 'preset: NAME' plus changes)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="base config override, repeatable (e.g. --set train.steps_per_epoch=2)")
-    parser.add_argument("--epochs", type=int, help="train.epochs of every trial (ASHA's max_t)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers per trial (train.num_workers)")
+    # the base config (--epochs: every trial's, ASHA's max_t); --mode here is the metric's direction
+    add_config_flags(parser, shortcuts=("--epochs", "--num-workers", "--val-fold"))
     parser.add_argument("--space", help=f"search space YAML (default {DEFAULT_SPACE_PATH.name})")
     parser.add_argument("--num-samples", type=int, default=8, help="trials")
     parser.add_argument("--searcher", choices=("random", "optuna"), default="random")
-    parser.add_argument("--metric", help="validation metric to optimise (default val_her2_points_fraction for "
-                                         "HER2, val_f1_macro for MMR)")
+    parser.add_argument("--metric", help="validation metric to optimise (default: the task's primary one, "
+                                         "val_ + dual_attention.metrics.PRIMARY_METRIC, as training ranks folds)")
     parser.add_argument("--mode", choices=("max", "min"), default="max")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: 1/rf of trials go on at a rung")
@@ -380,18 +388,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue a stopped search")
     parser.add_argument("--restart-errored", action="store_true", help="with --resume: rerun errored trials too")
     parser.add_argument("--seed", type=int, default=0, help="searcher seed")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1)
-    parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts inside a trial")
     parser.add_argument("--train-poll-s", type=float, help="seconds between Ray Train's polls of its workers "
                                                            "(Ray's default 2; lower for short test epochs)")
-    parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <experiment>/cache)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
-                                             "experiment folder)")
-    parser.add_argument("--experiment", default="dual-attention-tune", help="MLflow experiment name")
-    parser.add_argument("--model-name", help="registered model name (default dual-attention-<task>)")
-    parser.add_argument("--model-alias", default="best-search")
-    parser.add_argument("--no-register", action="store_true", help="do not register the best trial's model")
+    # the run folder is the experiment folder; the model registered is the best trial's
+    add_run_flags(parser, experiment="dual-attention-tune", model_alias="best-search", max_failures=0)
     return parser
 
 
@@ -401,13 +401,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         raise ConfigError("--manifest is required for a new search")
     if not Path(args.manifest).is_file():
         raise ConfigError(f"--manifest {args.manifest}: no such file")
-    base = DualAttentionConfig.from_yaml(args.config) if args.config else preset(args.preset, task=args.task)
-    overrides = list(args.set)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.num_workers is not None:
-        overrides.append(f"train.num_workers={args.num_workers}")
-    base = base.with_overrides(overrides)
+    base = config_from_flags(args)
     space_path = Path(args.space) if args.space else DEFAULT_SPACE_PATH
     try:
         space_data = yaml.safe_load(space_path.read_text())
@@ -423,17 +417,20 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
             raise ConfigError(f"{flag} must be {'> 1' if flag == '--reduction-factor' else '>= 1'}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
-    return SearchSettings(
+    settings = SearchSettings(
         manifest=str(Path(args.manifest).resolve()), base_config=base.to_dict(), space=space_data,
         space_source=str(space_path), storage_path=str(Path(args.storage_path).resolve()),
         name=args.name or f"{datetime.now():%Y%m%d-%H%M%S}-{base.task}", num_samples=args.num_samples,
         searcher=args.searcher, metric=args.metric, mode=args.mode, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent, seed=args.seed,
-        device=args.device, tile_actors_per_worker=args.tile_actors_per_worker, max_failures=args.max_failures,
+        device=args.device, tile_actors_per_worker=args.tile_actors_per_worker, torch_threads=args.torch_threads,
+        max_failures=args.max_failures,
         train_poll_interval_s=args.train_poll_s, cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir
         else None, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         model_name=args.model_name, model_alias=args.model_alias, register=not args.no_register,
     )
+    settings.trial_run()  # the trials' run settings, refused now by the training job's rules
+    return settings
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

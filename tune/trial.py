@@ -15,6 +15,7 @@ iteration counter.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,7 @@ class TrialJob:
 
     space: SearchSpace
     cohort: Any  # jobs.train.PreparedCohort: thumbnails and masks already in the object store
-    trial_runs_dir: str
-    use_gpu: bool
-    max_failures: int
-    tile_actors_per_worker: int
+    run: Any  # jobs.train.TrainRun shared by every trial (device resolved); its run_dir is the trials' folder
     ledger_name: str  # tune.cleanup.PlacementGroupLedger of this search
 
 
@@ -58,15 +56,11 @@ def train_trial(sampled: dict[str, Any], job: TrialJob) -> None:
     from tune.cleanup import RecordPlacementGroup
 
     config = job.space.trial_config(sampled)
-    config.train.use_gpu = job.use_gpu
     trial_id = tune.get_context().get_trial_id()
     ledger = ray.get_actor(job.ledger_name)
-    fit_fold(
-        config, job.cohort, Path(job.trial_runs_dir) / trial_id, config.train.val_fold,
-        use_gpu=job.use_gpu, max_failures=job.max_failures, overlays_per_epoch=0,
-        tile_actors_per_worker=job.tile_actors_per_worker,
-        callbacks=[ReportEpochsToTune(), RecordPlacementGroup(ledger, trial_id)],
-    )
+    run = dataclasses.replace(job.run, run_dir=Path(job.run.run_dir) / trial_id)
+    fit_fold(config, job.cohort, run, config.train.val_fold,
+             callbacks=[ReportEpochsToTune(), RecordPlacementGroup(ledger, trial_id)])
 
 
 def trial_resources(num_workers: int, tile_actors_per_worker: int, use_gpu: bool) -> dict[str, float]:
