@@ -141,8 +141,9 @@ def _local_read_tiles(path: str, tile_px: int):  # noqa: ANN202 - the training w
     return read
 
 
-def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(tiny_cohort: Path,
-                                                                             tiny_checkpoint: Path) -> None:
+def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(
+    ray_cluster: None, tiny_cohort: Path, tiny_checkpoint: Path
+) -> None:
     """The figures a training run validates with are the ones evaluation reports: the same per-slide seed,
     the same predictions and one metrics function (keys included), on the same slides and model."""
     from dual_attention.checkpoint import load_checkpoint
@@ -178,7 +179,7 @@ def test_training_validation_and_evaluation_agree_on_the_same_slides_and_model(t
                        level0_pixels=0, epoch_seconds=0.0, bad_slides={}, steps=0)
     reported = epoch_metrics(config, 0, [share], optimizer)  # what the epoch's report and MLflow get
 
-    report = evaluate_rows(model, config, rows, _local_read_tiles, seed=seed, progress=False)
+    report = evaluate_rows(model, config, rows, seed=seed, progress=False)  # the cohort job's pipeline
     assert [s["slide_id"] for s in report.skipped] == ["broken"]
     by_id = {p["slide_id"]: p for p in report.predictions}
     assert sorted(by_id) == sorted(r["slide_id"] for r in trained_rows) == ["s0", "s1", "s2", "s3"]
