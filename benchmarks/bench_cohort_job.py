@@ -70,6 +70,7 @@ from jobs.score import score_slide_path  # noqa: E402
 psutil = importlib.import_module("psutil")  # Ray's vendored copy (ray/thirdparty_files), on the path after `import ray`
 
 SEED = 0
+PROGRESS_LINE = re.compile(r"^\d+/\d+ slides: ", re.MULTILINE)  # CohortReport.progress_line
 
 
 def load() -> list[float]:
@@ -112,10 +113,13 @@ class Watch:
     """Samples, while a subprocess runs: per-core busy % of the machine, the CPU seconds of the process and
     every process under it (the largest seen per pid, so processes that exit keep their share), its VmHWM."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
-        self.pid, self.interval_s = pid, interval_s
+    def __init__(self, pid: int, interval_s: float = 0.5, log: Path | None = None) -> None:
+        self.pid, self.interval_s, self.log = pid, interval_s, log
         self.cpu_s: dict[int, float] = {}
         self.per_core: list[list[float]] = []
+        self.sample_at_s: list[float] = []  # each sample's time since the start, and the job's CPU s by then
+        self.job_cpu_at_sample: list[float] = []
+        self.progress_lines_at_s: list[float] = []  # when each of the job's progress lines was first seen
         self.driver_hwm_bytes = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -130,9 +134,18 @@ class Watch:
         except psutil.NoSuchProcess:
             return []
 
+    def _progress_lines(self) -> int:
+        if self.log is None or not self.log.exists():
+            return 0
+        return len(PROGRESS_LINE.findall(self.log.read_text(errors="replace")))
+
     def _run(self) -> None:
         while not self.stop.wait(self.interval_s):
             self.per_core.append(psutil.cpu_percent(percpu=True))
+            now = time.perf_counter() - self.started
+            self.sample_at_s.append(now)
+            seen = self._progress_lines()
+            self.progress_lines_at_s += [now] * (seen - len(self.progress_lines_at_s))
             for proc in self.descendants():
                 try:
                     times = proc.cpu_times()
@@ -143,6 +156,7 @@ class Watch:
                                 self.driver_hwm_bytes = max(self.driver_hwm_bytes, int(line.split()[1]) * 1024)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     continue
+            self.job_cpu_at_sample.append(sum(self.cpu_s.values()))
 
     def finish(self) -> dict[str, Any]:
         self.stop.set()
@@ -153,7 +167,28 @@ class Watch:
         job_cpu = sum(self.cpu_s.values())
         return {"process_wall_s": round(wall, 2), "machine_busy_per_core": [round(float(b), 3) for b in busy],
                 "job_cpu_s": round(job_cpu, 2), "job_cpu_share_of_cores": round(job_cpu / (wall * cores), 3),
-                "driver_peak_rss_bytes": self.driver_hwm_bytes, "cores": cores}
+                "driver_peak_rss_bytes": self.driver_hwm_bytes, "cores": cores,
+                "scoring_phase": self.scoring_phase(cores)}
+
+    def scoring_phase(self, cores: int) -> dict[str, Any] | None:
+        """Busy fractions between the job's first and last progress line (a line per part written), i.e.
+        without Ray's start, the actors' imports and the shutdown; None with fewer than two lines seen or
+        fewer than two samples between them (psutil's per-core figure covers the interval ending at a sample)."""
+        if len(self.progress_lines_at_s) < 2:
+            return None
+        first_s, last_s = self.progress_lines_at_s[0], self.progress_lines_at_s[-1]
+        inside = [i for i, t in enumerate(self.sample_at_s) if first_s < t <= last_s]
+        if len(inside) < 2:
+            return None
+        busy = np.mean(np.asarray([self.per_core[i] for i in inside]), axis=0) / 100
+        # CPU s of the job's processes from the sample at the first line to the last sample inside
+        at0, at1 = inside[0] - 1, inside[-1]
+        span_s = self.sample_at_s[at1] - self.sample_at_s[at0]
+        job_cpu = self.job_cpu_at_sample[at1] - self.job_cpu_at_sample[at0]
+        return {"first_progress_line_s": round(first_s, 2), "last_progress_line_s": round(last_s, 2),
+                "progress_lines": len(self.progress_lines_at_s), "samples": len(inside),
+                "machine_busy_per_core": [round(float(b), 3) for b in busy],
+                "job_cpu_share_of_cores": round(job_cpu / (span_s * cores), 3)}
 
 
 def python_env() -> dict[str, str]:
@@ -166,7 +201,7 @@ def run_watched(args: list[str], log: Path, kill_when: Any = None) -> dict[str, 
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=python_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
-        watch = Watch(proc.pid)
+        watch = Watch(proc.pid, log=log)
         killed = False
         while proc.poll() is None:
             time.sleep(0.25)
@@ -419,6 +454,17 @@ def table(results: dict[str, Any]) -> str:
                      f"{' / '.join(f'{100 * b:.0f}%' for b in busy)} / {100 * job['job_cpu_share_of_cores']:.0f}% "
                      f"| ≥ 85% each | {'yes' if min(busy) >= 0.85 else 'no'} (machine); "
                      f"{'yes' if job['job_cpu_share_of_cores'] >= 0.85 else 'no'} (job) |")
+        phase = job.get("scoring_phase")
+        if phase:
+            busy = phase["machine_busy_per_core"]
+            lines.append(f"| cores busy in the scoring phase only ({phase['first_progress_line_s']:.1f}–"
+                         f"{phase['last_progress_line_s']:.1f} s of the process: first to last of "
+                         f"{phase['progress_lines']} progress lines): machine / the job's own CPU share | "
+                         f"{' / '.join(f'{100 * b:.0f}%' for b in busy)} / {100 * phase['job_cpu_share_of_cores']:.0f}% "
+                         f"| ≥ 85% each | {'yes' if min(busy) >= 0.85 else 'no'} (machine); "
+                         f"{'yes' if phase['job_cpu_share_of_cores'] >= 0.85 else 'no'} (job) |")
+        lines.append(f"| job process wall, excluding nothing (Python, Ray start, scoring, shutdown) | "
+                     f"{job['process_wall_s']:.1f} s = {job['process_wall_per_slide_s']:.3f} s/slide | | |")
     for key, plan in (("job", "fused (default)"), ("job_split", "split")):
         big, small_run = results.get(key), results.get(f"{key}_small")
         if big and small_run and inproc:
