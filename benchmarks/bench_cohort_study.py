@@ -60,7 +60,7 @@ from jobs.baselines import (  # noqa: E402
     train_sliding_window,
 )
 from jobs.evaluate import evaluate_rows, load_slide_input, select_rows  # noqa: E402
-from jobs.ray_runtime import RaySession  # noqa: E402
+from jobs.runtime.cluster import RaySession  # noqa: E402
 
 METHODS = ("dual-attention", "random-sampling", "sliding-window")
 
@@ -424,7 +424,7 @@ def main() -> None:
                       f"{c['slide_tumour_fraction']:.2f} |")
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    from jobs.tile_plane import TilePool
+    from jobs.runtime.tile_plane import TilePool
 
     started = time.perf_counter()
     results = []

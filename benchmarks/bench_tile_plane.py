@@ -120,7 +120,7 @@ def raw_run(slide_path: Path, boxes: list[Level0Box]) -> Run:
 
 
 def pool_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int) -> Run:
-    from jobs.tile_plane import TilePool, TileRequest
+    from jobs.runtime.tile_plane import TilePool, TileRequest
 
     requests = [TileRequest(str(slide_path), box) for box in boxes]
     with TilePool(num_actors=num_actors, batch_size=batch_size, max_in_flight=2 * num_actors) as pool:
@@ -180,7 +180,7 @@ class MemoryTrace:
 
 def memory_run(slide_path: Path, boxes: list[Level0Box], num_actors: int, batch_size: int,
                max_in_flight: int) -> MemoryTrace:
-    from jobs.tile_plane import TilePool, TileRequest
+    from jobs.runtime.tile_plane import TilePool, TileRequest
 
     requests = [TileRequest(str(slide_path), box) for box in boxes]
     with TilePool(num_actors=num_actors, batch_size=batch_size, max_in_flight=max_in_flight) as pool:

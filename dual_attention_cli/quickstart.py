@@ -108,9 +108,9 @@ def run_quickstart(options: QuickstartOptions) -> QuickstartResult:
     from ray import serve
 
     from dual_attention.config import preset
-    from jobs import tracking
     from jobs.evaluate import evaluate_manifest
-    from jobs.ray_runtime import start_ray
+    from jobs.runtime import tracking
+    from jobs.runtime.cluster import start_ray
     from jobs.train import TrainRun, run_training
     from serve.app import build_app
 

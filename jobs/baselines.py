@@ -58,7 +58,7 @@ from jobs.evaluate import (
     select_rows,
     set_torch_threads,
 )
-from jobs.ray_runtime import RaySession
+from jobs.runtime.cluster import RaySession
 
 SLIDING_WINDOW_MODEL_FILE = "sliding_window_resnet18.pt"
 
@@ -96,7 +96,7 @@ def load_low_power_view(path: str, config: SlidingWindowConfig) -> LowPowerView:
 def pool_patch_reader(pool: Any, slide_path: str, config: SlidingWindowConfig) -> ReadPatches:
     """``ReadPatches`` through the tile plane: level-0 boxes rendered at ``config.patch_px``² (the pool picks
     the pyramid level), raising the first ``SlideError``."""
-    from jobs.tile_plane import TileRequest
+    from jobs.runtime.tile_plane import TileRequest
 
     side = config.patch_px
 
@@ -227,7 +227,7 @@ def run_sliding_window(manifest_path: str | Path, out_dir: str | Path, train_fol
                        test_folds: Sequence[int] | None, config: SlidingWindowConfig, *, model_path: str | Path | None = None,
                        num_readers: int = 2, pool: Any = None, progress: bool = True) -> EvaluationReport:
     """Train on ``train_folds`` (unless ``model_path`` gives a trained ResNet18), evaluate on ``test_folds``."""
-    from jobs.tile_plane import TilePool
+    from jobs.runtime.tile_plane import TilePool
 
     rows_all = select_rows(manifest_path)
     task = str(rows_all[0]["task"])

@@ -41,7 +41,7 @@ from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import SlideScore, TileScore
 from dual_attention.slides import Level0Box, open_slide, tissue_mask
-from jobs.ray_runtime import RaySession
+from jobs.runtime.cluster import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
 
@@ -310,7 +310,7 @@ def evaluate_manifest(
     or pass ``model`` and ``config``), score the manifest's slides through the cohort pipeline
     (``evaluate_rows``) and write the outputs into ``out_dir``."""
     if model is None:
-        from jobs.tracking import load_registered_model
+        from jobs.runtime.tracking import load_registered_model
 
         if model_ref is None:
             raise ValueError("evaluate_manifest needs model_ref or model and config")

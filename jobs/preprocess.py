@@ -38,7 +38,7 @@ from dual_attention import slides as slides_module
 from dual_attention.config import ConfigError, DualAttentionConfig, SlideConfig, preset
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.slides import SlideError, open_slide, tissue_mask
-from jobs.ray_runtime import RaySession
+from jobs.runtime.cluster import RaySession
 
 EXIT_ALL_DONE = 0
 EXIT_NONE_DONE = 1

@@ -100,7 +100,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from jobs.tracking import load_model_for_cli
+    from jobs.runtime.tracking import load_model_for_cli
 
     loaded = load_model_for_cli(args.model, args.mlflow_uri)
     if loaded is None:

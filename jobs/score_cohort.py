@@ -444,8 +444,8 @@ def score_cohort(model: Any, config: DualAttentionConfig, rows: Sequence[dict[st
                  slides_per_block: int | None = None) -> CohortReport:
     """Score ``rows`` (``slide_id``, ``path``, ``label``) not yet in ``out_dir`` through the Ray Data pipeline,
     writing a slides and a tiles part per batch received. Joins the Ray instance already initialised, else
-    starts one by the jobs' one rule (``jobs.ray_runtime``), and only when there is something to score."""
-    from jobs.ray_runtime import RaySession
+    starts one by the jobs' one rule (``jobs.runtime.cluster``), and only when there is something to score."""
+    from jobs.runtime.cluster import RaySession
 
     if sampler not in ("attention", "random"):
         raise ValueError(f"unknown sampler {sampler!r}; expected 'attention' or 'random'")
@@ -582,7 +582,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    from jobs.tracking import load_model_for_cli
+    from jobs.runtime.tracking import load_model_for_cli
 
     loaded = load_model_for_cli(args.model, args.mlflow_uri)
     if loaded is None:

@@ -11,7 +11,7 @@ What runs where:
   with every class present (``class_balanced_batches``; the plan is drawn from the epoch's seed, so all
   workers agree on it and take every ``world_size``-th batch), ``pipeline.training_step`` for the loss,
   Adam with one learning rate for the SAM side (SAM + f_f + SAM head) and one for the agent, StepLR per
-  epoch. Tiles come from a ``jobs.tile_plane.TilePool`` of reader actors that each worker starts for
+  epoch. Tiles come from a ``jobs.runtime.tile_plane.TilePool`` of reader actors that each worker starts for
   itself (the pool object holds locks and cannot be shipped to workers; its actors die with the worker,
   so a restarted worker gets fresh readers). ``--tile-reader local`` reads with the same ``TileReader``
   code inside the worker process instead, saving the Ray round trip per slide (see
@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from dual_attention.config import DualAttentionConfig
-from jobs.ray_runtime import start_ray
+from jobs.runtime.cluster import start_ray
 
 OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
 DEVICES = ("auto", "cpu", "gpu")
@@ -252,7 +252,7 @@ class _WorkerTileReaders:
     ``TileReader`` code in this process."""
 
     def __init__(self, run: TrainRun, tile_px: int) -> None:
-        from jobs.tile_plane import TilePool, TileReader
+        from jobs.runtime.tile_plane import TilePool, TileReader
 
         self.tile_px = tile_px
         self.local = TileReader() if run.tile_reader == "local" else None
@@ -260,7 +260,7 @@ class _WorkerTileReaders:
 
     def read_tiles_fn(self, path: str) -> Callable[[Any], np.ndarray]:
         from dual_attention.slides import SlideError
-        from jobs.tile_plane import TileRequest
+        from jobs.runtime.tile_plane import TileRequest
 
         if self.pool is not None:
             return self.pool.read_tiles_fn(path, self.tile_px)
@@ -469,7 +469,7 @@ def log_epoch_to_mlflow(client: Any, run_id: str, metrics: dict[str, Any], check
     run is per thread, and the per-epoch logger runs in a thread of its own. Returns the epoch."""
     from mlflow.entities import Metric
 
-    from jobs import tracking
+    from jobs.runtime import tracking
 
     epoch = int(metrics["epoch"])
     now_ms = int(time.time() * 1000)
@@ -613,7 +613,7 @@ def run_training(config: DualAttentionConfig, manifest: str | Path, run: TrainRu
     Returns the report (also written to ``run.run_dir/report.json``)."""
     import mlflow
 
-    from jobs import tracking
+    from jobs.runtime import tracking
 
     run = dataclasses.replace(run, run_dir=Path(run.run_dir).resolve(),
                               model_name=run.model_name or tracking.default_model_name(config.task))
@@ -685,7 +685,7 @@ def _train_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainR
     import mlflow
 
     from dual_attention.training import val_predictions_of
-    from jobs import tracking
+    from jobs.runtime import tracking
 
     fold_state = state.setdefault("folds", {}).setdefault(str(val_fold), {})
     run_id = fold_state.get("mlflow_run_id")

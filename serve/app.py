@@ -8,7 +8,7 @@ Run it with any of:
 
 ``build_app(args)`` reads ``ServeSettings`` (environment, then ``args``), pins a registry alias to its
 current version, and binds the three deployments. The ingress holds the tile pool (reader actors of
-``jobs.tile_plane``); recent overlays (PNG) and GeoJSON annotations are files in the work folder
+``jobs.runtime.tile_plane``); recent overlays (PNG) and GeoJSON annotations are files in the work folder
 (``serve.overlay_store``), so any ingress replica can answer for them and the ingress runs several
 replicas. The two model stages scale on their own.
 
@@ -39,8 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate
+from jobs.runtime.tile_plane import TilePool
 from jobs.score import calibration_dict
-from jobs.tile_plane import TilePool
 from serve.http_api import create_http_app, root_cause
 from serve.model_source import ModelLoadError, ModelRef, pin_model_uri
 from serve.overlay_store import OverlayStore

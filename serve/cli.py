@@ -1,7 +1,7 @@
 """``dual-attention serve``: start the scoring service locally on 127.0.0.1 (also ``python -m serve``).
 
 Joins the Ray cluster that ``--address`` or ``$RAY_ADDRESS`` names, else starts a private local instance
-(the one rule of ``jobs.ray_runtime``); starts Serve's HTTP proxy on 127.0.0.1:PORT and the application of
+(the one rule of ``jobs.runtime.cluster``); starts Serve's HTTP proxy on 127.0.0.1:PORT and the application of
 ``serve.app.build_app``; blocks until Ctrl-C, then shuts Serve down. The bearer token is
 read from ``DUAL_ATTENTION_API_TOKEN`` only (a command-line token would show in ``ps``).
 """
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from jobs.ray_runtime import RayAddressError, start_ray
+    from jobs.runtime.cluster import RayAddressError, start_ray
 
     try:
         start_ray(address=args.address, num_cpus=args.num_cpus)

@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 
 from dual_attention.pipeline import ScoringError
 from dual_attention.slides import SlideError
-from jobs.tile_plane import TilePoolError
+from jobs.runtime.tile_plane import TilePoolError
 from serve.model_source import ModelLoadError
 from serve.paths import PathOutsideRoot, SlideNotFound, resolve_slide_path
 from serve.proxy_retry import RETRY_AFTER_S

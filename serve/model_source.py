@@ -84,7 +84,7 @@ def load_model(ref: ModelRef, tracking_uri: str | None = None) -> tuple[DualAtte
     download_dir: str | None = None
     try:
         if ref.uri.startswith(REGISTRY_SCHEME):
-            from jobs.tracking import load_registered_model  # the training side owns the registry format
+            from jobs.runtime.tracking import load_registered_model  # the registry format's one home
 
             # The checkpoint is read into memory, so its downloaded copy can go right after.
             with tempfile.TemporaryDirectory(prefix="dual-attention-serve-model-") as download_dir:

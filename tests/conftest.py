@@ -41,7 +41,7 @@ _ray_failure_reported_at: str | None = None  # the test whose error shows the ca
 def _start_ray() -> None:
     import ray
 
-    from jobs.ray_runtime import start_ray
+    from jobs.runtime.cluster import start_ray
 
     causes: list[str] = []
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -107,9 +107,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 @pytest.fixture(autouse=True, scope="session")
 def model_cache_in_a_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Registered models the tests load are cached in the session's temp folder, not the user's
-    ~/.cache/dual-attention/models (jobs.tracking.model_cache_dir); set before Ray starts, so that Ray
+    ~/.cache/dual-attention/models (jobs.runtime.tracking.model_cache_dir); set before Ray starts, so that Ray
     workers inherit it too."""
-    # jobs.tracking.MODEL_CACHE_ENV, spelled out: importing jobs.tracking would import MLflow in every session
+    # jobs.runtime.tracking.MODEL_CACHE_ENV, spelled out: importing jobs.runtime.tracking would import MLflow in every session
     MODEL_CACHE_ENV = "DUAL_ATTENTION_MODEL_CACHE"
     previous = os.environ.get(MODEL_CACHE_ENV)
     os.environ[MODEL_CACHE_ENV] = str(tmp_path_factory.mktemp("model-cache"))

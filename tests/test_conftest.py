@@ -49,7 +49,7 @@ def test_a_ray_that_never_starts_is_retried_and_its_cause_reported_once(tmp_path
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(_FAKE_RAY)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                            # the fake Ray first; the project after it, for conftest's jobs.ray_runtime
+                            # the fake Ray first; the project after it, for conftest's jobs.runtime.cluster
                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                                 [str(tmp_path / "fake"), str(Path(__file__).resolve().parents[1])])),
                             capture_output=True, text=True, timeout=300)

@@ -127,7 +127,7 @@ def test_compute_metrics_by_hand_on_fixed_predictions() -> None:
 
 def _local_read_tiles(path: str, tile_px: int):  # noqa: ANN202 - the training worker's in-process reader
     from dual_attention.slides import SlideError
-    from jobs.tile_plane import TileReader, TileRequest
+    from jobs.runtime.tile_plane import TileReader, TileRequest
 
     reader = TileReader()
 

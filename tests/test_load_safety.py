@@ -117,14 +117,14 @@ def test_ray_train_checkpoint_restore_refuses_a_poisoned_train_state(tmp_path: P
 
 def test_registered_model_with_poisoned_artifacts_is_refused_by_serve_and_score(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """The registry path serve and ``jobs.score`` load through (``jobs.tracking.load_registered_model``)
+    """The registry path serve and ``jobs.score`` load through (``jobs.runtime.tracking.load_registered_model``)
     reads only ``model.pt`` with ``weights_only``; the pyfunc's cloudpickled ``python_model.pkl`` is never
     unpickled. Both are poisoned in the artifact store here."""
     import mlflow
     from mlflow import MlflowClient
 
     from jobs import score
-    from jobs.tracking import register_model, sqlite_uri
+    from jobs.runtime.tracking import register_model, sqlite_uri
     from serve.model_source import ModelLoadError, load_model, pin_model_uri
 
     monkeypatch.chdir(tmp_path)  # mlflow's default artifact root (./mlruns) lands in tmp_path
@@ -133,7 +133,7 @@ def test_registered_model_with_poisoned_artifacts_is_refused_by_serve_and_score(
     _, folder = _small_checkpoint(tmp_path / "ckpt")
     previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    # the registry too: a training run earlier in the session (jobs.tracking.setup_mlflow) leaves the
+    # the registry too: a training run earlier in the session (jobs.runtime.tracking.setup_mlflow) leaves the
     # process's registry URI on its own store, where the model would otherwise be registered
     mlflow.set_registry_uri(tracking_uri)
     try:

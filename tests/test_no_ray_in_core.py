@@ -68,3 +68,19 @@ def test_the_scoring_core_does_not_depend_on_the_synthetic_package() -> None:
         if bad:
             offenders[path.name] = sorted(bad)
     assert not offenders, f"core modules import the synthetic package: {offenders}"
+
+
+def test_the_runtime_room_imports_no_job_and_no_upper_layer() -> None:
+    """jobs/runtime/ (start_ray, tile plane, tracking) is what jobs/, tune/ and serve/ share: it may use the
+    core and Ray, never a job, tune, serve or the CLI, so that no room reaches back into another."""
+    runtime = CORE.parent / "jobs" / "runtime"
+    files = sorted(runtime.glob("*.py"))
+    assert {p.stem for p in files} >= {"cluster", "tile_plane", "tracking"}
+    offenders = {}
+    for path in files:
+        bad = {m for m in _imported_modules(path)
+               if (m.split(".")[0] in ("serve", "tune", "dual_attention_cli"))
+               or (m.split(".")[0] == "jobs" and not m.startswith("jobs.runtime"))}
+        if bad:
+            offenders[path.name] = sorted(bad)
+    assert not offenders, f"jobs/runtime imports a job or an upper layer: {offenders}"

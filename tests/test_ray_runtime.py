@@ -1,10 +1,10 @@
-"""The one rule for starting or joining Ray (jobs/ray_runtime.py)."""
+"""The one rule for starting or joining Ray (jobs/runtime/cluster.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.ray_runtime import RayAddressError, cluster_address, start_ray
+from jobs.runtime.cluster import RayAddressError, cluster_address, start_ray
 
 
 def test_an_explicit_address_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

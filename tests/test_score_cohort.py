@@ -216,7 +216,7 @@ def test_a_job_killed_between_a_parts_tiles_and_slides_resumes_with_every_slide_
             yield [agent(read_tiles_stage(propose(row)))]
 
     monkeypatch.setattr(score_cohort_module, "scored_batches", in_process)
-    monkeypatch.setattr("jobs.ray_runtime.RaySession", lambda **_: contextlib.nullcontext())
+    monkeypatch.setattr("jobs.runtime.cluster.RaySession", lambda **_: contextlib.nullcontext())
     rows = [r for r in slides_in_manifest(cohort, "her2") if r["slide_id"] != "broken"]
     out = tmp_path / "killed"
     score_cohort_module._run_pipeline(model, config, rows[:1], out, score_cohort_module.CohortReport(out, 1, 0),

@@ -32,7 +32,7 @@ from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import SlideScore, score_slide
 from dual_attention.slides import open_slide, tissue_mask
 from dual_attention.synthetic import write_synthetic_slide
-from jobs.tracking import RegisteredModel, register_model, sqlite_uri
+from jobs.runtime.tracking import RegisteredModel, register_model, sqlite_uri
 from serve.model_source import load_model, pin_model_uri
 
 # Starting Ray Serve with two applications takes 30-100 s on the shared 2-core machine.
@@ -632,7 +632,7 @@ def test_backend_failures_answer_503_json_with_retry_after() -> None:
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    from jobs.tile_plane import TilePoolError
+    from jobs.runtime.tile_plane import TilePoolError
     from serve.http_api import error_response
     from serve.stages import DeadlineExceeded, ModelNotLoaded, SlideTooLarge
 

@@ -18,7 +18,7 @@ import ray
 
 from dual_attention.slides import Level0Box, SlideError, open_slide
 from dual_attention.synthetic import write_synthetic_slide
-from jobs.tile_plane import TilePool, TilePoolError, TileReader, TileRequest
+from jobs.runtime.tile_plane import TilePool, TilePoolError, TileReader, TileRequest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ _TWO_NODE_SCRIPT = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from dual_attention.slides import Level0Box, open_slide
-    from jobs.tile_plane import TilePool, TileRequest
+    from jobs.runtime.tile_plane import TilePool, TileRequest
 
     slide_path = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})

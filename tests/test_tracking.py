@@ -16,7 +16,7 @@ from dual_attention.models import DualAttentionModel
 from dual_attention.overlays import overlay_tiles, render_overlay, save_slide_score_overlay
 from dual_attention.pipeline import SlideScore, TileScore
 from dual_attention.slides import Level0Box
-from jobs import tracking
+from jobs.runtime import tracking
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +167,7 @@ import json
 import time
 from pathlib import Path
 import mlflow
-from jobs import tracking
+from jobs.runtime import tracking
 uri, run_dir, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 ready.touch()
 while not go.exists():

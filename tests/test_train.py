@@ -204,7 +204,7 @@ def test_two_worker_run_logs_to_mlflow_registers_and_skips_the_broken_slide(trai
     skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "slides_skipped.json")).read_text())
     assert [s["slide_id"] for s in skipped["slides_skipped"]] == [BROKEN_ID]
 
-    from jobs.tracking import load_registered_model, score_slide_file
+    from jobs.runtime.tracking import load_registered_model, score_slide_file
 
     model, config, meta = load_registered_model("models:/dual-attention-her2@candidate", tracking_uri=uri)
     assert meta["name"] == "dual-attention-her2" and meta["alias"] == "candidate" and meta["version"] == "1"

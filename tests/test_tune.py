@@ -256,7 +256,7 @@ def test_four_trial_search_stops_early_registers_best_and_logs_parent_and_childr
     import pyarrow.parquet as pq
     import ray
 
-    from jobs.tracking import load_registered_model
+    from jobs.runtime.tracking import load_registered_model
     from tune.search import main
 
     _default_mlflow_store(monkeypatch)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
-from jobs import tracking
+from jobs.runtime import tracking
 from tune.trial import EPOCHS_DONE
 
 PARENT_TAG = "mlflow.parentRunId"

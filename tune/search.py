@@ -185,8 +185,8 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from jobs import tracking
-    from jobs.ray_runtime import start_ray
+    from jobs.runtime import tracking
+    from jobs.runtime.cluster import start_ray
     from jobs.train import prepare_cohort
     from tune import results as results_mod
     from tune.cleanup import ReleaseStoppedTrials, start_ledger

@@ -65,7 +65,7 @@ def train_trial(sampled: dict[str, Any], job: TrialJob) -> None:
 
 def trial_resources(num_workers: int, tile_actors_per_worker: int, use_gpu: bool) -> dict[str, float]:
     """Logical resources one trial holds: its own actor, the Train workers, their tile-reader actors."""
-    from jobs.tile_plane import DEFAULT_ACTOR_NUM_CPUS
+    from jobs.runtime.tile_plane import DEFAULT_ACTOR_NUM_CPUS
 
     worker_cpus = 0.0 if use_gpu else 1.0  # Ray Train's default: a GPU worker asks for the GPU only
     cpus = TRIAL_DRIVER_CPUS + num_workers * (worker_cpus + tile_actors_per_worker * DEFAULT_ACTOR_NUM_CPUS)
