@@ -91,6 +91,33 @@ def test_register_then_load_by_alias_and_predict_through_pyfunc(tmp_path: Path, 
         mlflow.set_tracking_uri(None)
 
 
+def test_a_model_registers_in_its_runs_store_whatever_registry_an_earlier_run_left_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow keeps the registry URI global (and exports it): after a run on store A in this process, a
+    model logged in a run on store B must still register in B."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    config = preset("cpu-small")
+    checkpoint = save_checkpoint(tmp_path / "ckpt", DualAttentionModel(config), config).parent
+    store_a, store_b = tracking.sqlite_uri(tmp_path / "a.db"), tracking.sqlite_uri(tmp_path / "b.db")
+    previous_registry = mlflow.get_registry_uri()
+    try:
+        tracking.setup_mlflow(tmp_path / "run-a", uri=store_a, experiment="a")  # sets the registry to A
+        mlflow.set_tracking_uri(store_b)  # a caller that only moves the tracking URI, as the serve tests do
+        mlflow.set_experiment("b")
+        with mlflow.start_run():
+            registered = tracking.register_model(checkpoint, config.class_names, "in-b", alias="champion")
+        in_b = mlflow.MlflowClient(tracking_uri=store_b, registry_uri=store_b)
+        assert str(in_b.get_model_version_by_alias("in-b", "champion").version) == registered.version == "1"
+        in_a = mlflow.MlflowClient(tracking_uri=store_a, registry_uri=store_a)
+        assert in_a.search_registered_models() == []
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(previous_registry)
+
+
 @pytest.mark.slow
 def test_loading_one_registered_version_twice_keeps_one_cached_copy_and_none_in_the_temp_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

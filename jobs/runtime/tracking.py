@@ -323,8 +323,12 @@ def register_model(checkpoint_dir: str | Path, class_names: tuple[str, ...], nam
         signature=model_signature(class_names),
         pip_requirements=PYFUNC_PIP_REQUIREMENTS,
     )
+    # The model registers in the store of the run it is logged in: a registry URI left set in this process by
+    # an earlier run on another store (mlflow keeps it global, and exports it) must not take it elsewhere.
+    store = mlflow.get_tracking_uri()
+    mlflow.set_registry_uri(store)
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags or {}))
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     client.set_registered_model_alias(name, alias, version.version)
     return RegisteredModel(name=name, version=str(version.version), alias=alias, model_uri=f"models:/{name}@{alias}")
 
