@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import f1_score, roc_auc_score
 
 HER2_CONTEST_SOURCE = (
     "Qaiser et al. 2018, Histopathology 72(2): HER2 scoring contest, agreement points per case "
@@ -86,6 +84,8 @@ def combined_points(ground_truth: Sequence[int], predicted: Sequence[int], confi
 
 def f1(ground_truth: Sequence[int], predicted: Sequence[int], average: str = "macro") -> float:
     """F1 by scikit-learn (macro over classes by default)."""
+    from sklearn.metrics import f1_score  # here, not at the top: scoring processes never pay its import
+
     return float(f1_score(ground_truth, predicted, average=average, zero_division=0))
 
 
@@ -97,6 +97,8 @@ def auroc(ground_truth: Sequence[int], class_probabilities: np.ndarray) -> float
         raise ValueError(f"class_probabilities must be (n_cases, n_classes), got {probs.shape} for {truth.size} cases")
     if np.unique(truth).size < 2:
         raise ValueError("AUROC needs both positive and negative cases in ground_truth")
+    from sklearn.metrics import roc_auc_score
+
     if probs.shape[1] == 2:
         return float(roc_auc_score(truth, probs[:, 1]))
     probs = probs / probs.sum(axis=1, keepdims=True)
@@ -132,6 +134,8 @@ def slide_metrics(task: str, labels: Sequence[int], predicted: Sequence[int],
     out["accuracy"] = float((labels_a == predicted_a).mean())
     out["f1_macro"] = f1(labels_a, predicted_a, average="macro")
     probs = np.asarray(probabilities, dtype=np.float64)
+    from sklearn.exceptions import UndefinedMetricWarning
+
     try:
         with warnings.catch_warnings():  # an undefined AUROC is reported below, not warned about
             warnings.simplefilter("ignore", UndefinedMetricWarning)

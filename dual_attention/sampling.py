@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from skimage.filters import threshold_otsu
-from sklearn.cluster import KMeans
 
 from dual_attention.config import SamplerConfig
 from dual_attention.slides import Level0Box, thumb_to_level0_box
@@ -96,6 +95,8 @@ def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str,
         fit_values = values
         if values.size > KMEANS_MAX_FIT_PX:  # large thumbnails: fit on a seeded subsample, assign all
             fit_values = np.random.default_rng(seed).choice(values, KMEANS_MAX_FIT_PX, replace=False)
+        from sklearn.cluster import KMeans  # only this mask kind needs it; its import is ~0.8 s
+
         kmeans = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(fit_values.reshape(-1, 1))
         best = int(np.argmax(kmeans.cluster_centers_[:, 0]))
         region = np.zeros_like(tissue)
