@@ -84,7 +84,8 @@ def measure(name: str, slide_path: Path, model: Any, config: Any, figure: Path) 
     from jobs.score import score_slide_path
 
     started = time.perf_counter()
-    score, thumbnail, info = score_slide_path(model, config, slide_path, seed=0)
+    score, view, info = score_slide_path(model, config, slide_path, seed=0)
+    thumbnail = view.thumbnail
     score_s = time.perf_counter() - started
     started = time.perf_counter()
     with open_slide(slide_path) as slide:
@@ -102,7 +103,7 @@ def measure(name: str, slide_path: Path, model: Any, config: Any, figure: Path) 
     # 256 colours: the committed example stays small (the overlay's flat colours and text survive it).
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(figure, optimize=True)
     started = time.perf_counter()
-    mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)  # as score --geojson does
+    mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)  # its cost (score reuses its view's mask)
     tissue_mask_s = time.perf_counter() - started
     started = time.perf_counter()
     text = dumps(slide_score_geojson(score, mask, config.class_names, config.slide.thumbnail_downsample,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from dual_attention.sampling import (
     random_locations,
     sample_locations,
 )
-from dual_attention.slides import Level0Box
+from dual_attention.slides import Level0Box, SlideInfo, SlideView, open_slide, slide_view
 
 ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
 """For ONE slide: level-0 boxes -> (n, S, S, 3) uint8 tiles, S = config.tile.tile_level0_px, in order."""
@@ -308,3 +309,26 @@ def score_slide(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask: n
         tile_scores = score_tiles(model, tiles, proposal, config, seed)
     with timer.stage("aggregation"):
         return aggregate(tile_scores, config.task, level0_dims, attention_map=proposal.attention_map)
+
+
+def score_slide_path(model: DualAttentionModel, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0,
+                     timer: StageTimer | None = None) -> tuple[SlideScore, SlideView, SlideInfo]:
+    """Both stages on one slide file, tiles read in-process. Returns the score, the slide's view (thumbnail,
+    tissue mask, level-0 size) and its info (its mpp / objective power and where they came from); ``timer`` records every stage
+    (open, thumbnail, tissue mask and the pipeline's own)."""
+    timer = timer or StageTimer()
+    with timer.stage("open"):
+        slide = open_slide(slide_path)
+    with slide:
+        # the thumbnail first: a corrupt file says so before a slide smaller than a tile is refused
+        view = slide_view(slide, config.slide.thumbnail_downsample, config.slide.tissue_min_area_thumb_px, timer)
+        check_slide_fits_a_tile(view.level0_dims, config.tile.tile_level0_px)
+
+        def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
+            return slide.read_boxes(boxes)
+
+        with torch.no_grad():
+            score = score_slide(model, view.thumbnail, view.tissue_mask, view.level0_dims, read_tiles, config, seed,
+                                timer=timer)
+        info = slide.info
+    return score, view, info

@@ -25,6 +25,7 @@ import openslide
 from PIL import Image
 from skimage import color, filters, morphology
 
+from dual_attention.profiling import StageTimer
 from dual_attention.tiff_tiles import TiffTileLevels
 
 DEFAULT_THUMBNAIL_DOWNSAMPLE = 32
@@ -352,6 +353,31 @@ def _float_or_none(value: str | None) -> float | None:
     except ValueError:
         return None
     return number if number and number > 0 else None
+
+
+# -- the slide as the soft attention sees it -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideView:
+    """A slide at low power: what the soft attention and the sampler see of it."""
+
+    thumbnail: np.ndarray  # (rows, cols, 3) uint8, level 0 at 1/downsample
+    tissue_mask: np.ndarray  # (rows, cols) bool, same grid as the thumbnail
+    level0_dims: tuple[int, int]  # (width, height) of level 0, px
+
+
+def slide_view(slide: Slide, downsample: int, min_tissue_area_thumb_px: int,
+               timer: StageTimer | None = None) -> SlideView:
+    """The one way a slide becomes a thumbnail and a tissue mask (scoring, training's preprocess and cache,
+    evaluation, the cohort job, serving); ``timer`` records the ``thumbnail`` and ``tissue_mask`` stages."""
+    timer = timer or StageTimer()
+    with timer.stage("thumbnail"):
+        thumbnail = slide.thumbnail(downsample)
+    with timer.stage("tissue_mask"):
+        mask = tissue_mask(thumbnail, min_tissue_area_thumb_px)
+    width, height = slide.dimensions
+    return SlideView(thumbnail, mask, (int(width), int(height)))
 
 
 # -- tissue ------------------------------------------------------------------------------------------------

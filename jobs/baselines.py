@@ -37,7 +37,7 @@ from tqdm import tqdm
 from dual_attention.config import CLASS_NAMES, NUM_CLASSES
 from dual_attention.manifest import ManifestError
 from dual_attention.pipeline import slide_seed
-from dual_attention.slides import SlideError, open_slide, tissue_mask
+from dual_attention.slides import SlideError, open_slide, slide_view
 from dual_attention.sliding_window import (
     ReadPatches,
     ResNet18,
@@ -86,11 +86,9 @@ class LowPowerView:
 def load_low_power_view(path: str, config: SlidingWindowConfig) -> LowPowerView:
     started = time.perf_counter()
     with open_slide(path) as slide:
-        rgb = slide.thumbnail(config.mask_downsample)
-        dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
+        view = slide_view(slide, config.mask_downsample, min_tissue_area_thumb_px=4)
         objective = float(slide.info.objective_power)
-    tissue = tissue_mask(rgb, min_area_thumb_px=4)
-    return LowPowerView(rgb, tissue, dims, objective, time.perf_counter() - started)
+    return LowPowerView(view.thumbnail, view.tissue_mask, view.level0_dims, objective, time.perf_counter() - started)
 
 
 def pool_patch_reader(pool: Any, slide_path: str, config: SlidingWindowConfig) -> ReadPatches:

@@ -40,7 +40,7 @@ from dual_attention import metrics as slide_metrics_lib
 from dual_attention.config import CLASS_NAMES, DualAttentionConfig
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import SlideScore, TileScore
-from dual_attention.slides import Level0Box, open_slide, tissue_mask
+from dual_attention.slides import Level0Box, open_slide, slide_view
 from jobs.runtime.cluster import RaySession
 
 # -- per-slide inputs --------------------------------------------------------------------------------------
@@ -69,11 +69,9 @@ def load_slide_input(path: str, downsample: int, min_tissue_area_thumb_px: int,
         thumbnail, mask, dims = load_or_compute_thumbnail(path, params, cache_dir)
         return SlideInput(thumbnail, mask, (int(dims[0]), int(dims[1])), float("nan"), time.perf_counter() - started)
     with open_slide(path) as slide:
-        thumbnail = slide.thumbnail(downsample)
-        dims = tuple(int(v) for v in slide.dimensions)
+        view = slide_view(slide, downsample, min_tissue_area_thumb_px)
         objective = float(slide.info.objective_power)
-    mask = tissue_mask(thumbnail, min_tissue_area_thumb_px)
-    return SlideInput(thumbnail, mask, (dims[0], dims[1]), objective, time.perf_counter() - started)
+    return SlideInput(view.thumbnail, view.tissue_mask, view.level0_dims, objective, time.perf_counter() - started)
 
 
 # -- metrics ------------------------------------------------------------------------------------------------

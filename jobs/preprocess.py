@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from dual_attention import slides as slides_module
 from dual_attention.config import ConfigError, DualAttentionConfig, SlideConfig, preset
 from dual_attention.manifest import ManifestError, read_manifest
-from dual_attention.slides import SlideError, open_slide, tissue_mask
+from dual_attention.slides import SlideError, open_slide, slide_view
 from jobs.runtime.cluster import RaySession
 
 EXIT_ALL_DONE = 0
@@ -122,9 +122,8 @@ def thumbnail_entry(
             return ThumbnailResult(absolute, thumbnail, mask, dims, None, True, str(cache_file),
                                    time.perf_counter() - started, float(mask.mean()))
     with open_slide(absolute) as slide:
-        thumbnail = slide.thumbnail(params.downsample)
-        dims = (int(slide.dimensions[0]), int(slide.dimensions[1]))
-    mask = tissue_mask(thumbnail, params.tissue_min_area_thumb_px)
+        view = slide_view(slide, params.downsample, params.tissue_min_area_thumb_px)
+    thumbnail, mask, dims = view.thumbnail, view.tissue_mask, view.level0_dims
     if cache_file is not None:
         _write_cache_file(cache_file, thumbnail, mask, dims)
     return ThumbnailResult(absolute, thumbnail, mask, dims, None, False,

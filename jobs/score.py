@@ -21,37 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import ScoringError, SlideScore, check_slide_fits_a_tile, score_slide
+from dual_attention.pipeline import ScoringError, SlideScore, score_slide_path
 from dual_attention.profiling import StageTimer
-from dual_attention.slides import Level0Box, SlideError, SlideInfo, open_slide, tissue_mask
-
-
-def score_slide_path(model: Any, config: DualAttentionConfig, slide_path: str | Path, seed: int = 0,
-                     timer: StageTimer | None = None) -> tuple[SlideScore, np.ndarray, SlideInfo]:
-    """Both stages on one slide file, tiles read in-process. Returns the score, the thumbnail and the
-    slide's info (its mpp / objective power and where they came from); ``timer`` records every stage
-    (open, thumbnail, tissue mask and the pipeline's own)."""
-    timer = timer or StageTimer()
-    with timer.stage("open"):
-        slide = open_slide(slide_path)
-    with slide:
-        with timer.stage("thumbnail"):
-            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)  # a corrupt file says so first
-        check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
-        with timer.stage("tissue_mask"):
-            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
-
-        def read_tiles(boxes: list[Level0Box]) -> np.ndarray:
-            return slide.read_boxes(boxes)
-
-        with torch.no_grad():
-            score = score_slide(model, thumbnail, mask, slide.dimensions, read_tiles, config, seed, timer=timer)
-        info = slide.info
-    return score, thumbnail, info
+from dual_attention.slides import SlideError, SlideInfo, open_slide
 
 
 def calibration_dict(info: SlideInfo) -> dict[str, Any]:
@@ -109,7 +82,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     started = time.perf_counter()
     timer = StageTimer()
     try:
-        score, thumbnail, info = score_slide_path(model, config, args.slide, args.seed, timer=timer)
+        score, view, info = score_slide_path(model, config, args.slide, args.seed, timer=timer)
     except SlideError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -125,7 +98,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         with open_slide(args.slide) as slide:  # the insets: each tile at high power, from the pyramid level that fits
             previews = read_tile_previews(lambda box, px: slide.read_box(box, out_px=(px, px)), score)
-        save_slide_score_overlay(args.overlay, thumbnail, score, config.slide.thumbnail_downsample,
+        save_slide_score_overlay(args.overlay, view.thumbnail, score, config.slide.thumbnail_downsample,
                                  title=f"{Path(args.slide).name}: {score.predicted_label} ({score.confidence:.2f})",
                                  class_names=config.class_names, tile_images=previews,
                                  glimpse_level0_px=config.agent.glimpse_px)
@@ -133,10 +106,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.geojson:
         from dual_attention.annotations import dumps, slide_score_geojson
 
-        # The mask again (score_slide_path keeps its three results): 0.7 s on a 3.2-GP slide's thumbnail on the
-        # loaded 2-core machine (bench_overlay), the scoring 1.7 s.
-        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
-        collection = slide_score_geojson(score, mask, config.class_names, config.slide.thumbnail_downsample,
+        collection = slide_score_geojson(score, view.tissue_mask, config.class_names, config.slide.thumbnail_downsample,
                                          info.dimensions, config.agent.glimpse_px, slide=Path(args.slide).name,
                                          model={k: meta.get(k) for k in ("name", "version")})
         Path(args.geojson).parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from dual_attention.pipeline import (
     score_tiles,
 )
 from dual_attention.profiling import StageTimer
-from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, open_slide, tissue_mask
+from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, SlideView, open_slide, slide_view
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
 
@@ -182,16 +182,13 @@ class SoftAttentionStage:
         if cache_handle:
             with timer.stage("open"):
                 slide = self.slides.get(slide_path)
-            with timer.stage("thumbnail"):
-                thumbnail, info = self._thumbnail(slide, config)
+            view, info = self._view(slide, config, timer)
         else:  # an upload: its file goes away after the request, so do not keep its handle
             with timer.stage("open"):
                 slide = open_slide(slide_path)
-            with slide, timer.stage("thumbnail"):
-                thumbnail, info = self._thumbnail(slide, config)
-        level0_dims = info.dimensions
-        with timer.stage("tissue_mask"):
-            mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
+            with slide:
+                view, info = self._view(slide, config, timer)
+        thumbnail, mask, level0_dims = view.thumbnail, view.tissue_mask, view.level0_dims
         thumbnail_s = time.perf_counter() - start
         if not mask.any():
             raise NoTissue(f"no tissue found on the slide's thumbnail (1/{config.slide.thumbnail_downsample} "
@@ -212,18 +209,18 @@ class SoftAttentionStage:
                           thumbnail_s=thumbnail_s, propose_s=propose_s, stages_ms=dict(timer.ms),
                           region_features=regions)
 
-    def _thumbnail(self, slide: Slide, config: DualAttentionConfig) -> tuple[np.ndarray, SlideInfo]:
+    def _view(self, slide: Slide, config: DualAttentionConfig, timer: StageTimer) -> tuple[SlideView, SlideInfo]:
         # Refused on the header alone, before any pixel is decoded: a small file must not stall the replica.
         if self.limits is not None:
             self.limits.check(slide, config.slide.thumbnail_downsample)
         try:
-            thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
+            view = slide_view(slide, config.slide.thumbnail_downsample, config.slide.tissue_min_area_thumb_px, timer)
         except Exception:
             self.slides.evict(slide.path)  # a failed read may leave the handle unusable
             raise
         # After the read (cheap for a slide this small): a corrupt file is reported as corrupt first.
         check_slide_fits_a_tile(slide.dimensions, config.tile.tile_level0_px)
-        return thumbnail, slide.info
+        return view, slide.info
 
 
 # How long a batch waits for more requests after its first: none. Requests that arrive while the agent

@@ -19,7 +19,6 @@ from dual_attention.config import preset
 from dual_attention.manifest import ManifestError, ManifestRow, manifest_rows, write_manifest
 from dual_attention.models import DualAttentionModel
 from dual_attention.pipeline import slide_seed
-from dual_attention.slides import tissue_mask
 from jobs.score import score_slide_path
 from jobs.score_cohort import (
     AgentStage,
@@ -258,10 +257,9 @@ def test_the_stages_geojson_is_the_score_commands(cohort: Path, checkpoint: Path
     collection = json.loads(out["geojson"])
     assert collection["properties"]["slide_id"] == row["slide_id"]
     assert collection["properties"]["model"] == {"name": "ckpt", "version": "3"}
-    score, thumbnail, info = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
-    expected = slide_score_geojson(score, tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px),
-                                   config.class_names, config.slide.thumbnail_downsample, info.dimensions,
-                                   config.agent.glimpse_px)
+    score, view, info = score_slide_path(model, config, row["path"], slide_seed(SEED, row["slide_id"]))
+    expected = slide_score_geojson(score, view.tissue_mask, config.class_names, config.slide.thumbnail_downsample,
+                                   info.dimensions, config.agent.glimpse_px)
     assert json.loads(json.dumps(expected["features"])) == collection["features"]
     no_geojson = StageSettings(config=config, sampler="attention", seed=SEED)  # off unless asked for
     assert AgentStage(model, no_geojson, "ckpt", "3")(read_tiles_stage(ProposeStage(model, no_geojson)(row)))[

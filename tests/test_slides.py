@@ -18,6 +18,7 @@ from dual_attention.slides import (
     SlideHandleCache,
     level0_to_thumb_rc,
     open_slide,
+    slide_view,
     thumb_to_level0_box,
     tissue_mask,
 )
@@ -79,6 +80,20 @@ def test_thumbnail_shape_and_pixels(shared_slides: Path, downsample: int) -> Non
     # The resize maps the image edge to the thumbnail edge, so inner blocks agree to a few grey levels.
     error = np.abs(block_means[1:-1, 1:-1] - thumb[1 : rows - 1, 1 : cols - 1].astype(float))
     assert np.median(error) < 6
+
+
+def test_slide_view_is_the_thumbnail_its_tissue_mask_and_level0_size_and_times_both(shared_slides: Path) -> None:
+    from dual_attention.profiling import StageTimer
+
+    path = shared_slides / "aperio/CMU-1-Small-Region.svs"
+    timer = StageTimer()
+    with open_slide(path) as slide:
+        view = slide_view(slide, 16, 8, timer)
+        thumbnail = slide.thumbnail(16)
+    assert np.array_equal(view.thumbnail, thumbnail)
+    assert view.tissue_mask.dtype == bool and np.array_equal(view.tissue_mask, tissue_mask(thumbnail, 8))
+    assert view.tissue_mask.any() and view.level0_dims == (2220, 2967)
+    assert set(timer.ms) == {"thumbnail", "tissue_mask"}
 
 
 def test_thumbnail_from_pyramid_with_non_integer_downsamples(shared_slides: Path) -> None:

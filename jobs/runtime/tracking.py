@@ -259,21 +259,10 @@ def output_columns(class_names: tuple[str, ...]) -> list[str]:
 
 def score_slide_file(model: Any, config: Any, slide_path: str, seed: int) -> dict[str, Any]:
     """Score one slide file in-process (OpenSlide reads, no Ray): the pyfunc's and tests' route."""
-    import numpy as np
-    import torch
 
-    from dual_attention.pipeline import score_slide
-    from dual_attention.slides import open_slide, tissue_mask
+    from dual_attention.pipeline import score_slide_path
 
-    with open_slide(slide_path) as slide:
-        thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
-        mask = tissue_mask(thumbnail, config.slide.tissue_min_area_thumb_px)
-
-        def read_tiles(boxes: Any) -> np.ndarray:
-            return slide.read_boxes(boxes)
-
-        with torch.no_grad():
-            score = score_slide(model, thumbnail, mask, tuple(slide.dimensions), read_tiles, config, seed)
+    score, _, _ = score_slide_path(model, config, slide_path, seed)
     out = {
         "slide_path": slide_path,
         "predicted_class": int(score.predicted_class),
