@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,31 @@ class SlideScore:
     attention_map: np.ndarray
     level0_pixels_read: int
     fraction_level0_read: float
+
+
+def slide_score_record(score: SlideScore, class_names: Sequence[str]) -> dict[str, Any]:
+    """A slide score as JSON-ready values: the one form of ``score``'s JSON and the HTTP answer's score fields
+    (``serve.schemas.ScoreResponse``). Probabilities are lists in ``class_names`` order."""
+    return {
+        "predicted_class": int(score.predicted_class),
+        "predicted_label": str(score.predicted_label),
+        "class_probabilities": [float(p) for p in score.class_probabilities],
+        "confidence": float(score.confidence),
+        "level0_pixels_read": int(score.level0_pixels_read),
+        "fraction_level0_read": float(score.fraction_level0_read),
+        "tiles": [
+            {
+                "level0_box": {"x0": int(t.level0_box.x0), "y0": int(t.level0_box.y0),
+                               "width": int(t.level0_box.width), "height": int(t.level0_box.height)},
+                "attention_weight": float(t.attention_weight),
+                "predicted_class": int(t.predicted_class),
+                "predicted_label": str(class_names[t.predicted_class]),
+                "class_probabilities": [float(p) for p in t.class_probabilities],
+                "glimpse_trail_level0": [[float(x), float(y)] for x, y in t.glimpse_trail_level0],
+            }
+            for t in score.tiles
+        ],
+    }
 
 
 def slide_seed(seed: int, slide_id: str) -> int:

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import ScoringError, SlideScore, score_slide_path
+from dual_attention.pipeline import ScoringError, score_slide_path, slide_score_record
 from dual_attention.profiling import StageTimer
 from dual_attention.slides import SlideError, SlideInfo, open_slide
 
@@ -32,29 +31,6 @@ def calibration_dict(info: SlideInfo) -> dict[str, Any]:
     assumed magnification says so."""
     return {"mpp_x_um_per_px": info.mpp_x, "mpp_y_um_per_px": info.mpp_y, "mpp_source": info.mpp_source,
             "objective_power": info.objective_power, "objective_source": info.objective_source}
-
-
-def slide_score_dict(score: SlideScore, config: DualAttentionConfig) -> dict[str, Any]:
-    """A JSON-ready view of a slide score (the same fields the HTTP API returns)."""
-    return {
-        "predicted_class": int(score.predicted_class),
-        "predicted_label": score.predicted_label,
-        "class_probabilities": dict(zip(config.class_names, map(float, score.class_probabilities), strict=True)),
-        "confidence": float(score.confidence),
-        "fraction_level0_read": float(score.fraction_level0_read),
-        "level0_pixels_read": int(score.level0_pixels_read),
-        "tiles": [
-            {
-                "level0_box": {"x0": t.level0_box.x0, "y0": t.level0_box.y0,
-                               "width": t.level0_box.width, "height": t.level0_box.height},
-                "attention_weight": float(t.attention_weight),
-                "predicted_class": int(t.predicted_class),
-                "class_probabilities": [float(p) for p in t.class_probabilities],
-                "glimpse_trail_level0": [[float(x), float(y)] for x, y in t.glimpse_trail_level0],
-            }
-            for t in score.tiles
-        ],
-    }
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -92,7 +68,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     result = {"slide": str(args.slide), "model": {k: meta.get(k) for k in ("name", "version", "alias", "source")},
               "config_digest": config.digest(), "seconds": round(time.perf_counter() - started, 3),
               "level0_dimensions": list(info.dimensions), "calibration": calibration_dict(info),
-              **slide_score_dict(score, config), "profile": timer.as_dict()}
+              "class_names": list(config.class_names),
+              **slide_score_record(score, config.class_names), "profile": timer.as_dict()}
     if args.overlay:
         from dual_attention.overlays import read_tile_previews, save_slide_score_overlay
 

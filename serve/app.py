@@ -38,7 +38,7 @@ from ray.serve.handle import DeploymentHandle
 
 from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
-from dual_attention.pipeline import aggregate
+from dual_attention.pipeline import aggregate, slide_score_record
 from jobs.runtime.tile_plane import TilePool
 from jobs.score import calibration_dict
 from serve.http_api import create_http_app, root_cause
@@ -47,13 +47,11 @@ from serve.overlay_store import OverlayStore
 from serve.redact import redact_paths
 from serve.schemas import (
     HealthResponse,
-    Level0BoxOut,
     ModelInfo,
     ScoreResponse,
     ServingProfile,
     SlideCalibration,
     StageTimings,
-    TileOut,
 )
 from serve.settings import ServeSettings
 from serve.stages import (
@@ -242,19 +240,10 @@ class ScoringIngress:
         return ScoreResponse(
             score_id=score_id,
             slide=slide_name,
-            predicted_class=slide_score.predicted_class,
-            predicted_label=slide_score.predicted_label,
-            class_probabilities=slide_score.class_probabilities,
-            confidence=slide_score.confidence,
-            tiles=[TileOut(level0_box=Level0BoxOut(**vars(t.level0_box)), attention_weight=t.attention_weight,
-                           predicted_class=t.predicted_class, predicted_label=config.class_names[t.predicted_class],
-                           class_probabilities=t.class_probabilities, glimpse_trail_level0=t.glimpse_trail_level0)
-                   for t in slide_score.tiles],
+            **slide_score_record(slide_score, config.class_names),
             shortfall_reason=soft.proposal.shortfall_reason,
             level0_dimensions=soft.level0_dims,
             calibration=SlideCalibration(**calibration_dict(slide_info)),
-            level0_pixels_read=slide_score.level0_pixels_read,
-            fraction_level0_read=slide_score.fraction_level0_read,
             n_tiles=n_tiles or config.sampler.n_tiles,
             n_glimpses=n_glimpses,
             seed=seed,

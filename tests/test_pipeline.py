@@ -125,6 +125,27 @@ def test_score_slide_is_deterministic_and_consistent(model, config) -> None:
         assert tile.predicted_class == int(np.argmax(tile.class_probabilities))
 
 
+def test_one_json_record_of_a_slide_score_is_the_http_answers_score_fields(model, config) -> None:
+    """``slide_score_record`` is the form of both ``score``'s JSON and the HTTP answer: every field of it is a
+    field of ``ScoreResponse`` (its tiles validate as ``TileOut``), with the score's own values."""
+    import json
+
+    from dual_attention.pipeline import slide_score_record
+    from serve.schemas import ScoreResponse, TileOut
+
+    slide = ArraySlide(1)
+    score = score_slide(model, slide.thumbnail, slide.tissue, slide.dims, slide.read_tiles, config, seed=5)
+    record = json.loads(json.dumps(slide_score_record(score, config.class_names)))
+    assert set(record) <= set(ScoreResponse.model_fields)
+    assert record["class_probabilities"] == pytest.approx(score.class_probabilities)
+    assert record["predicted_label"] == config.class_names[record["predicted_class"]]
+    for tile, out in zip(score.tiles, record["tiles"], strict=True):
+        parsed = TileOut(**out)
+        assert (parsed.level0_box.x0, parsed.level0_box.y0) == (tile.level0_box.x0, tile.level0_box.y0)
+        assert parsed.predicted_label == config.class_names[tile.predicted_class]
+        assert np.allclose(parsed.glimpse_trail_level0, tile.glimpse_trail_level0)
+
+
 def test_score_slide_from_an_openslide_slide(model, config, shared_slides: Path) -> None:
     with open_slide(shared_slides / "aperio" / "CMU-1-Small-Region.svs") as slide:
         thumbnail = slide.thumbnail(config.slide.thumbnail_downsample)
