@@ -139,10 +139,6 @@ class _ModelHolder:
             raise ModelNotLoaded(f"model not loaded: {self.load_error}")
         return self.model, self.config
 
-    def on_device(self, model: Any) -> Any:
-        """``model`` as the pipeline should call it on this replica's device."""
-        return on_device(model, self.device)
-
     def describe(self) -> dict[str, Any]:
         """Model identity and config for the ingress (raises ``ModelNotLoaded``)."""
         _, config = self.require()
@@ -194,7 +190,7 @@ class SoftAttentionStage:
             raise NoTissue(f"no tissue found on the slide's thumbnail (1/{config.slide.thumbnail_downsample} "
                            "of level 0): nothing to score")
         start = time.perf_counter()
-        proposal = propose_tiles(self.holder.on_device(model), thumbnail, mask, level0_dims, config, seed, timer=timer)
+        proposal = propose_tiles(model, thumbnail, mask, level0_dims, config, seed, timer=timer)
         propose_s = time.perf_counter() - start
         if not proposal.level0_boxes:
             raise NoTissue(f"no tiles to score: {proposal.shortfall_reason}")
@@ -285,7 +281,7 @@ class HardAttentionStage:
         tiles = np.concatenate([job.tiles for job in jobs])
         # each request's first glimpses from its own seed, as in-process scoring draws them
         first_locations = torch.cat([first_glimpse_locations(model.agent, len(job.tiles), job.seed) for job in jobs])
-        scoring_model = self.holder.on_device(_with_glimpses(model, n_glimpses))
+        scoring_model = _with_glimpses(model, n_glimpses)  # on the replica's device: the pipeline moves tensors
         return score_tiles(scoring_model, tiles, merged, config, seed=0, first_locations=first_locations)
 
 
@@ -315,44 +311,3 @@ def replica_device() -> torch.device:
     return torch.device("cpu")
 
 
-def on_device(model: Any, device: torch.device) -> Any:
-    """The model itself on the CPU; on a GPU, a view whose networks take the pipeline's CPU tensors and
-    give CPU results back (the pipeline builds inputs on the CPU and reads outputs with ``.numpy()``)."""
-    if device.type == "cpu":
-        return model
-    view = types.SimpleNamespace(agent=OnDevice(model.agent, device))
-    if hasattr(model, "soft_attention"):
-        view.soft_attention = OnDevice(model.soft_attention, device)
-    return view
-
-
-class OnDevice:
-    """Calls ``network`` on ``device``: moves every tensor argument there and every tensor of the result
-    (also inside a dataclass such as the agent's output) back to the CPU."""
-
-    def __init__(self, network: Any, device: torch.device) -> None:
-        self.network = network
-        self.device = device
-
-    def __getattr__(self, name: str) -> Any:
-        # everything else (``n_glimpses``, ``random_first_locations``, ``parameters``) is the network's
-        if name == "network":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.network, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(self._to_device(a) for a in args)
-        kwargs = {k: self._to_device(v) for k, v in kwargs.items()}
-        return _to_cpu(self.network(*args, **kwargs))
-
-    def _to_device(self, value: Any) -> Any:
-        return value.to(self.device) if isinstance(value, torch.Tensor) else value
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _to_cpu(getattr(value, f.name))
-                                             for f in dataclasses.fields(value)})
-    return value

@@ -51,6 +51,29 @@ def test_a_gpu_model_scores_a_slide_as_the_cpu_model_does() -> None:
             np.testing.assert_allclose(gpu_tile.glimpse_trail_level0, cpu_tile.glimpse_trail_level0, atol=1e-2)
 
 
+def test_serves_hard_stage_on_a_gpu_scores_a_batch_with_another_glimpse_count_as_the_cpu() -> None:
+    """What the hard-attention replica runs on a GPU: ``score_tiles`` over serve's view of the model with
+    another glimpse count (``serve.stages._with_glimpses``), the pipeline moving tensors to the agent's device."""
+    from dual_attention.pipeline import TileProposal, score_tiles
+    from dual_attention.slides import Level0Box
+    from serve.stages import _with_glimpses
+
+    config = preset("cpu-small")
+    cpu_model, gpu_model = _models()
+    size = config.tile.tile_level0_px
+    tiles = np.random.default_rng(0).integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
+    proposal = TileProposal(level0_boxes=[Level0Box(i * size, 0, size, size) for i in range(3)],
+                            attention_weights=np.array([0.5, 0.3, 0.2]), attention_map=np.zeros((0, 0)),
+                            centers_thumb_rc=np.zeros((3, 2), int), shortfall_reason=None)
+    glimpses = cpu_model.agent.n_glimpses + 2
+    on_cpu = score_tiles(_with_glimpses(cpu_model, glimpses), tiles, proposal, config, seed=0)
+    on_gpu = score_tiles(_with_glimpses(gpu_model, glimpses), tiles, proposal, config, seed=0)
+    assert all(len(t.glimpse_trail_level0) == glimpses for t in on_gpu)
+    for gpu_tile, cpu_tile in zip(on_gpu, on_cpu, strict=True):
+        np.testing.assert_allclose(gpu_tile.class_probabilities, cpu_tile.class_probabilities, atol=1e-4)
+        np.testing.assert_allclose(gpu_tile.glimpse_trail_level0, cpu_tile.glimpse_trail_level0, atol=1e-2)
+
+
 def test_training_steps_run_on_the_gpu_and_lower_the_agent_loss() -> None:
     config = preset("cpu-small").with_overrides({"train.sam_warmup_steps": 0, "loss.alpha_hold_epochs": 0})
     torch.manual_seed(0)

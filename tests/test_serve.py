@@ -585,38 +585,6 @@ def test_settings_from_environment_and_args(tmp_path: Path) -> None:
         ServeSettings.from_env(env={**limits_env, "DUAL_ATTENTION_MAX_LEVEL0_PIXELS": "lots"})
 
 
-def test_device_view_passes_the_pipeline_through_unchanged() -> None:
-    """The GPU view (exercised here on the CPU: no GPU on this machine) moves inputs and every output
-    tensor, including the agent's dataclass output, without changing the results."""
-    from types import SimpleNamespace
-
-    from dual_attention.pipeline import TileProposal, attention_map_of, score_tiles
-    from dual_attention.slides import Level0Box
-    from serve.stages import OnDevice, on_device
-
-    config = preset("cpu-small")
-    torch.manual_seed(0)
-    model = DualAttentionModel(config).eval()
-    assert on_device(model, torch.device("cpu")) is model
-    view = SimpleNamespace(agent=OnDevice(model.agent, torch.device("cpu")))
-    rng = np.random.default_rng(0)
-    size = config.tile.tile_level0_px
-    tiles = rng.integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
-    proposal = TileProposal(level0_boxes=[Level0Box(i * size, 0, size, size) for i in range(3)],
-                            attention_weights=np.array([0.5, 0.3, 0.2]), attention_map=np.zeros((0, 0)),
-                            centers_thumb_rc=np.zeros((3, 2), int), shortfall_reason=None)
-    direct = score_tiles(model, tiles, proposal, config, seed=0)
-    through_view = score_tiles(view, tiles, proposal, config, seed=0)
-    assert [t.class_probabilities for t in through_view] == [t.class_probabilities for t in direct]
-    assert [t.glimpse_trail_level0 for t in through_view] == [t.glimpse_trail_level0 for t in direct]
-    thumbnail = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
-    mask = np.zeros((40, 50), bool)
-    mask[10:30, 5:45] = True
-    soft_view = SimpleNamespace(soft_attention=OnDevice(model.soft_attention, torch.device("cpu")))
-    with torch.no_grad():
-        assert torch.equal(attention_map_of(soft_view, thumbnail, mask), attention_map_of(model, thumbnail, mask))
-
-
 def test_backend_failures_answer_503_json_with_retry_after() -> None:
     """Every way the serving machinery can fail maps to 503 + Retry-After, also when Ray wraps it in the
     RayTaskError of the replica that called the failing one; request errors keep their own status."""
