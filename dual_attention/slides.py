@@ -83,6 +83,13 @@ class SlideInfo:
         return self.level_dimensions[0]
 
 
+def calibration_dict(info: SlideInfo) -> dict[str, Any]:
+    """The slide's scale and its sources, as the HTTP API's ``calibration`` field: a slide scored at an
+    assumed magnification says so."""
+    return {"mpp_x_um_per_px": info.mpp_x, "mpp_y_um_per_px": info.mpp_y, "mpp_source": info.mpp_source,
+            "objective_power": info.objective_power, "objective_source": info.objective_source}
+
+
 def open_slide(path: str | Path) -> Slide:
     """Open a slide; any file OpenSlide cannot open raises ``SlideError`` naming it and the cause."""
     return Slide(path)

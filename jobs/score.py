@@ -19,18 +19,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from dual_attention.pipeline import ScoringError, score_slide_path, slide_score_record
 from dual_attention.profiling import StageTimer
-from dual_attention.slides import SlideError, SlideInfo, open_slide
-
-
-def calibration_dict(info: SlideInfo) -> dict[str, Any]:
-    """The slide's scale and its sources, as the HTTP API's ``calibration`` field: a slide scored at an
-    assumed magnification says so."""
-    return {"mpp_x_um_per_px": info.mpp_x, "mpp_y_um_per_px": info.mpp_y, "mpp_source": info.mpp_source,
-            "objective_power": info.objective_power, "objective_source": info.objective_source}
+from dual_attention.slides import SlideError, calibration_dict, open_slide
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

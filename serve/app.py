@@ -39,8 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from dual_attention.annotations import dumps, feature_collection, slide_properties, tile_features
 from dual_attention.config import DualAttentionConfig
 from dual_attention.pipeline import aggregate, slide_score_record
+from dual_attention.slides import calibration_dict
 from jobs.runtime.tile_plane import TilePool
-from jobs.score import calibration_dict
 from serve.http_api import create_http_app, root_cause
 from serve.model_source import ModelLoadError, ModelRef, pin_model_uri
 from serve.overlay_store import OverlayStore
