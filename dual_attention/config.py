@@ -329,6 +329,14 @@ def add_config_flags(parser: argparse.ArgumentParser, shortcuts: tuple[str, ...]
             parser.add_argument(flag, dest=_shortcut_dest(flag), **{"help": dotted, **metavar, **options})
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that name a trained model, the same for every job that loads one (score, score-cohort,
+    evaluate, the random-sampling baseline); ``jobs.runtime.tracking.load_model_for_cli`` loads what they name."""
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
+
+
 def flag_overrides(args: argparse.Namespace, shortcuts: tuple[str, ...] | None = None) -> list[str]:
     """``--set`` overrides plus the shortcut flags given (all, or those named in ``shortcuts``)."""
     overrides = list(args.set)

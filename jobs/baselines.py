@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dual_attention.config import CLASS_NAMES, NUM_CLASSES
+from dual_attention.config import CLASS_NAMES, NUM_CLASSES, add_model_flags
 from dual_attention.manifest import ManifestError
 from dual_attention.pipeline import slide_seed
 from dual_attention.slides import SlideError, open_slide, slide_view
@@ -265,14 +265,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="baseline", required=True)
 
     random_parser = sub.add_parser("random", help="the trained agent on randomly sampled tissue tiles")
-    random_parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or a checkpoint path")
+    add_model_flags(random_parser)
     random_parser.add_argument("--manifest", required=True)
     random_parser.add_argument("--out", required=True)
     random_parser.add_argument("--folds", type=fold_list, default=None)
     random_parser.add_argument("--seed", type=int, default=0)
     random_parser.add_argument("--num-readers", type=int, default=2)
     random_parser.add_argument("--overlays", type=int, default=4)
-    random_parser.add_argument("--mlflow-uri", default=None)
     random_parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
     random_parser.add_argument("--quiet", action="store_true")
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dual_attention import metrics as slide_metrics_lib
-from dual_attention.config import CLASS_NAMES, DualAttentionConfig
+from dual_attention.config import CLASS_NAMES, DualAttentionConfig, add_model_flags
 from dual_attention.manifest import ManifestError, read_manifest
 from dual_attention.pipeline import SlideScore, TileScore
 from dual_attention.slides import Level0Box, open_slide, slide_view
@@ -339,8 +339,7 @@ def fold_list(text: str | None) -> list[int] | None:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    add_model_flags(parser)
     parser.add_argument("--manifest", required=True, help="cohort manifest.parquet")
     parser.add_argument("--out", required=True, help="output folder (Parquet tables, metrics.json, overlays/)")
     parser.add_argument("--folds", type=fold_list, default=None, help="only these folds, e.g. 0 or 0,1 (default: all)")
@@ -349,7 +348,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-readers", type=int, default=2, help="tile-read tasks at once")
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N slides")
-    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
     parser.add_argument("--cache-dir", default=None,
                         help="thumbnail/tissue-mask cache of jobs.preprocess (default: compute, no cache)")
     parser.add_argument("--torch-threads", type=int, default=None,

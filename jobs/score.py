@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from dual_attention.config import add_model_flags
 from dual_attention.pipeline import ScoringError, score_slide_path, slide_score_record
 from dual_attention.profiling import StageTimer
 from dual_attention.slides import SlideError, calibration_dict, open_slide
@@ -27,15 +28,13 @@ from dual_attention.slides import SlideError, calibration_dict, open_slide
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    add_model_flags(parser)
     parser.add_argument("--slide", required=True, help="slide file (any format OpenSlide reads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overlay", default=None, help="write the overlay PNG here (attention, tiles, glimpses)")
     parser.add_argument("--geojson", default=None,
                         help="write a QuPath-importable GeoJSON here (tissue, attention, tiles, glimpses; level-0 px)")
     parser.add_argument("--out", default=None, help="write the JSON here instead of stdout")
-    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
     return parser
 
 

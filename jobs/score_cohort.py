@@ -58,7 +58,7 @@ from dual_attention.annotations import (
     slide_properties,
     tile_features,
 )
-from dual_attention.config import DualAttentionConfig
+from dual_attention.config import DualAttentionConfig, add_model_flags
 from dual_attention.manifest import SCORING_COLUMNS, ManifestError, read_manifest
 from dual_attention.pipeline import (
     ScoringError,
@@ -554,8 +554,7 @@ def _batches(ds: Any) -> Iterator[list[dict[str, Any]]]:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "python -m jobs.score_cohort", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder / model.pt")
+    add_model_flags(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="Parquet manifest (slide_id, path; label, task, fold used when present)")
     source.add_argument("--slides", help="folder of slide files (searched recursively)")
@@ -573,7 +572,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="slides per Ray Data block (default: up to 8, at least 4 blocks per actor)")
     parser.add_argument("--retry-errors", action="store_true", help="score slides that failed before again")
     parser.add_argument("--cache-dir", default=None, help="thumbnail/tissue-mask cache of jobs.preprocess")
-    parser.add_argument("--mlflow-uri", default=None, help="tracking URI for models:/ references")
     parser.add_argument("--no-geojson", action="store_true",
                         help="skip the per-slide GeoJSON annotations (OUT/geojson/<slide_id>.geojson)")
     parser.add_argument("--quiet", action="store_true", help="no Ray Data progress bars")

@@ -248,3 +248,20 @@ def test_two_processes_open_a_fresh_shared_sqlite_store_at_once_and_keep_their_a
         assert (folder / "note.txt").read_text() == name
         assert not any(folder.is_relative_to((tmp_path / other).resolve()) for other in ("run-a", "run-b"))
     assert folders[0] != folders[1]
+
+
+def test_every_job_that_loads_a_model_names_it_with_the_same_flags() -> None:
+    """score, score-cohort, evaluate and the random-sampling baseline take --model and --mlflow-uri from one
+    declaration (``config.add_model_flags``): same names, help and defaults."""
+    import argparse
+
+    from jobs import baselines, evaluate, score, score_cohort
+
+    def model_flags(parser: argparse.ArgumentParser) -> list[tuple]:
+        return [(tuple(a.option_strings), a.required, a.default, a.help) for a in parser._actions
+                if set(a.option_strings) & {"--model", "--mlflow-uri"}]
+
+    random_parser = baselines.build_parser()._subparsers._group_actions[0].choices["random"]
+    flags = [model_flags(p) for p in (score.build_parser(), score_cohort.build_parser(), evaluate.build_parser(),
+                                      random_parser)]
+    assert len(flags[0]) == 2 and all(f == flags[0] for f in flags), flags
