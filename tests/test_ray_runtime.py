@@ -44,3 +44,16 @@ def test_workers_are_told_the_address_of_their_cluster(ray_cluster: None) -> Non
     assert seen is not None
     assert seen.rsplit(":", 1)[1] == ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     assert start_ray() is False  # already initialised: nothing started, nothing for this caller to shut down
+
+
+def test_restored_environ_puts_set_and_unset_variables_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from jobs.runtime.cluster import restored_environ
+
+    monkeypatch.setenv("DA_TEST_SET", "before")
+    monkeypatch.delenv("DA_TEST_UNSET", raising=False)
+    with pytest.raises(RuntimeError), restored_environ(("DA_TEST_SET", "DA_TEST_UNSET")):
+        os.environ["DA_TEST_SET"], os.environ["DA_TEST_UNSET"] = "during", "during"
+        raise RuntimeError("the block fails")
+    assert os.environ["DA_TEST_SET"] == "before" and "DA_TEST_UNSET" not in os.environ

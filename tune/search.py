@@ -163,21 +163,16 @@ def run_search(settings: SearchSettings, resume: bool = False, restart_errored: 
     """Run (or resume) a search; returns what it found. Ray is started here unless already running."""
     # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI for the whole process: put it back afterwards,
     # so that a later job in this process does not take this search's store for the user's choice.
-    previous = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", TRAIN_POLL_ENV)}
-    if settings.train_poll_interval_s is not None:
-        # Set here, in the driver's own thread before Tune starts a trial: Tune hands Ray Train's variables
-        # on to every trial actor's runtime environment, and Ray Train on to the controller it starts. The
-        # trial function used to set it itself, writing the process environment from Tune's runner thread
-        # while the actor's other threads run (setenv is not safe against concurrent readers).
-        os.environ[TRAIN_POLL_ENV] = str(settings.train_poll_interval_s)
-    try:
+    from jobs.runtime.cluster import restored_environ
+
+    with restored_environ(("MLFLOW_TRACKING_URI", TRAIN_POLL_ENV)):
+        if settings.train_poll_interval_s is not None:
+            # Set here, in the driver's own thread before Tune starts a trial: Tune hands Ray Train's variables
+            # on to every trial actor's runtime environment, and Ray Train on to the controller it starts. The
+            # trial function used to set it itself, writing the process environment from Tune's runner thread
+            # while the actor's other threads run (setenv is not safe against concurrent readers).
+            os.environ[TRAIN_POLL_ENV] = str(settings.train_poll_interval_s)
         return _run_search(settings, resume, restart_errored)
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -> SearchOutcome:

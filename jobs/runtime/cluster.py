@@ -19,9 +19,10 @@ Imports Ray lazily: the CLI's ``--help`` and the core never pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 LOCAL_HOST = "127.0.0.1"
@@ -102,17 +103,24 @@ def start_ray(*, address: str | None = None, num_cpus: float | None = None,
     # A fixed GCS port skips Ray's wait for the port file (30 s), leaving only its connect retries (about
     # 20 s): give those the old budget, so that a start on a loaded machine is not cut shorter than before.
     start_env = {_GCS_PORT_ENV: str(port), _GCS_WAIT_ENV: os.environ.get(_GCS_WAIT_ENV, _GCS_WAIT_S)}
-    previous = {name: os.environ.get(name) for name in start_env}
-    os.environ.update(start_env)
-    try:
+    with restored_environ(start_env):
+        os.environ.update(start_env)
         ray.init(**kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def restored_environ(names: Iterable[str]) -> Iterator[None]:
+    """Puts the variables ``names`` back as they were (set or unset) when the block ends, whatever it set."""
+    previous = {name: os.environ.get(name) for name in names}
+    try:
+        yield
     finally:
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return True
 
 
 class RaySession:
