@@ -431,6 +431,13 @@ def part_giga(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 # -- report -------------------------------------------------------------------------------------------------
 
 
+def busy_row(label: str, watched: dict[str, Any]) -> str:
+    """A table row of per-core busy fractions and the job's own CPU share against the 85% target."""
+    busy, share = watched["machine_busy_per_core"], watched["job_cpu_share_of_cores"]
+    return (f"| {label} | {' / '.join(f'{100 * b:.0f}%' for b in busy)} / {100 * share:.0f}% | ≥ 85% each | "
+            f"{'yes' if min(busy) >= 0.85 else 'no'} (machine); {'yes' if share >= 0.85 else 'no'} (job) |")
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["| measure | figure | target | met |", "|---|---|---|---|"]
     inproc, job = results.get("inprocess"), results.get("job")
@@ -449,20 +456,13 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| CPU s/slide: the job (every process, start-up included) ÷ in-process | "
                      f"{job['job_cpu_per_slide_s']:.3f} ÷ {inproc['cpu_per_slide_s']:.3f} = "
                      f"{job['job_cpu_per_slide_s'] / inproc['cpu_per_slide_s']:.2f} | (load-independent view) | |")
-        busy = job["machine_busy_per_core"]
-        lines.append(f"| cores busy during the job (machine, all users) / the job's own CPU share | "
-                     f"{' / '.join(f'{100 * b:.0f}%' for b in busy)} / {100 * job['job_cpu_share_of_cores']:.0f}% "
-                     f"| ≥ 85% each | {'yes' if min(busy) >= 0.85 else 'no'} (machine); "
-                     f"{'yes' if job['job_cpu_share_of_cores'] >= 0.85 else 'no'} (job) |")
+        lines.append(busy_row("cores busy during the job (machine, all users) / the job's own CPU share", job))
         phase = job.get("scoring_phase")
         if phase:
-            busy = phase["machine_busy_per_core"]
-            lines.append(f"| cores busy in the scoring phase only ({phase['first_progress_line_s']:.1f}–"
-                         f"{phase['last_progress_line_s']:.1f} s of the process: first to last of "
-                         f"{phase['progress_lines']} progress lines): machine / the job's own CPU share | "
-                         f"{' / '.join(f'{100 * b:.0f}%' for b in busy)} / {100 * phase['job_cpu_share_of_cores']:.0f}% "
-                         f"| ≥ 85% each | {'yes' if min(busy) >= 0.85 else 'no'} (machine); "
-                         f"{'yes' if phase['job_cpu_share_of_cores'] >= 0.85 else 'no'} (job) |")
+            lines.append(busy_row(f"cores busy in the scoring phase only ({phase['first_progress_line_s']:.1f}–"
+                                  f"{phase['last_progress_line_s']:.1f} s of the process: first to last of "
+                                  f"{phase['progress_lines']} progress lines): machine / the job's own CPU share",
+                                  phase))
         lines.append(f"| job process wall, excluding nothing (Python, Ray start, scoring, shutdown) | "
                      f"{job['process_wall_s']:.1f} s = {job['process_wall_per_slide_s']:.3f} s/slide | | |")
     for key, plan in (("job", "fused (default)"), ("job_split", "split")):
