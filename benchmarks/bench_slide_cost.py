@@ -226,7 +226,9 @@ def child_score(path: str, preset_name: str, threads: str, repeats: str) -> dict
     model = DualAttentionModel(config).eval()
     score_slide_path(model, config, path, seed=0)  # warm-up: first-call costs are not a slide's
     runs = []
+    score = None
     for _ in range(int(repeats)):
+        del score  # the last score (its attention map) goes before the next: the peak is one slide's
         timer = StageTimer()
         started, cpu_started = time.perf_counter(), time.process_time()
         score, _, _ = score_slide_path(model, config, path, seed=0, timer=timer)

@@ -206,7 +206,8 @@ class SoftAttentionNet(nn.Module):
         ``tile_px``: compute the logits tile by tile (``tiled_logits``, bounded memory) instead of in one
         pass; the softmax still runs over the whole map."""
         logits = self.logits(thumbnail) if tile_px is None else self.tiled_logits(thumbnail, tile_px)
-        return masked_softmax(logits, tissue_mask)
+        # Without gradients the fresh logits can take the mask in place (one map-sized copy fewer).
+        return masked_softmax(logits, tissue_mask, in_place=not torch.is_grad_enabled())
 
 
 def _running_max(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
@@ -225,13 +226,15 @@ def _running_max(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return x.narrow(dim, 0, out_len)
 
 
-def masked_softmax(logits: torch.Tensor, tissue_mask: torch.Tensor | None) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, tissue_mask: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
     """(B, H, W) logits -> a softmax over each map's pixels, over tissue only where ``tissue_mask``
-    (B, H, W) marks any (a map with an empty mask keeps all its pixels)."""
+    (B, H, W) marks any (a map with an empty mask keeps all its pixels). ``in_place``: the mask is written
+    into ``logits`` (which the caller no longer needs) instead of a copy."""
     batch, height, width = logits.shape
     if tissue_mask is not None:
         keep = tissue_mask.to(torch.bool) | ~tissue_mask.reshape(batch, -1).any(dim=1)[:, None, None]
-        logits = logits.masked_fill(~keep, float("-inf"))
+        fill = logits.masked_fill_ if in_place else logits.masked_fill
+        logits = fill(~keep, float("-inf"))
     return torch.softmax(logits.reshape(batch, -1), dim=1).reshape(batch, height, width)
 
 

@@ -147,6 +147,8 @@ class Slide:
         level_width, level_height = self.info.level_dimensions[level]
         if level_width * level_height <= _THUMBNAIL_BAND_LEVEL_PX**2:
             region = self._read_rgb((0, 0), level, (level_width, level_height), what="thumbnail")
+            if (level_width, level_height) == (cols, rows):  # a level at exactly 1/downsample: as it is
+                return np.ascontiguousarray(region)  # PIL's same-size resize is a copy: 3 thumbnail copies saved
             return np.asarray(Image.fromarray(region).resize((cols, rows), Image.Resampling.BOX))
         # Large level: bands of whole thumbnail rows (as before), each read in chunks of columns, so that a
         # read is bounded in both width and height. Each band is resized as one image was before: its
@@ -435,7 +437,7 @@ def tissue_mask(thumbnail_rgb: np.ndarray, min_area_thumb_px: int = 16) -> np.nd
     return morphology.remove_small_holes(mask, max_size=max(1, min_area_thumb_px - 1))
 
 
-_MASK_BAND_PX = 1 << 19  # thumbnail pixels per band of tissue_mask
+_MASK_BAND_PX = 1 << 17  # thumbnail pixels per band of tissue_mask (its float64 temporaries: ~3 MB each)
 _OTSU_BINS = 256  # skimage's default
 # Optical density of one 8-bit channel value (glass 255 -> 0), as -log(clip(v, 1, 255) / 255).
 _OD_OF_VALUE = -np.log(np.clip(np.arange(256, dtype=np.float64), 1.0, 255.0) / 255.0)
