@@ -51,7 +51,16 @@ from dual_attention.slides import Level0Box, SlideInfo, SlideView, open_slide, s
 ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
 """For ONE slide: level-0 boxes -> (n, S, S, 3) uint8 tiles, S = config.tile.tile_level0_px, in order."""
 
-AGENT_CHUNK_TILES = 8  # tiles per agent forward pass when scoring (bounds memory for 2048² tiles)
+# Float32 tile bytes per agent forward pass when scoring: the agent's working memory stays about this much
+# whatever the number of tiles (a paper-size 2048² tile is 48 MiB as float32 and ~60 MiB with its pooled
+# scales, so the CPU takes one at a time; 256² tiles go 85 at a time). A GPU has the memory for larger batches.
+AGENT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+
+
+def agent_chunk_tiles(tile_px: int, device: torch.device) -> int:
+    """Tiles per agent forward pass when scoring (``AGENT_CHUNK_BYTES`` of float32 tiles, at least one)."""
+    budget = AGENT_CHUNK_BYTES.get(device.type, AGENT_CHUNK_BYTES["cpu"])
+    return max(1, budget // (3 * 4 * tile_px * tile_px))
 # Side (thumbnail px) of the tiles in which inference computes the SAM's logits (``SoftAttentionNet.
 # tiled_logits``): activation memory is bounded by this tile, not by the slide's area. Small tiles also
 # ran faster on one CPU thread despite the halo (1024² thumbnail, CPU s, paper-her2 / paper-mmr:
@@ -223,7 +232,7 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
         attention = attention_map_of(model, thumbnail, tissue_mask, tile_px=sam_tile_px
                                      ).cpu().numpy().astype(np.float64)
     with timer.stage("sampling"):
-        sampled = _sample(attention, tissue_mask.astype(bool), config, np.random.default_rng(seed), sampler)
+        sampled = _sample(attention, np.asarray(tissue_mask, dtype=bool), config, np.random.default_rng(seed), sampler)
         centers = sampled.centers_thumb_rc
         boxes = locations_to_level0_boxes(centers, config.slide.thumbnail_downsample,
                                           config.tile.tile_level0_px, level0_dims)
@@ -258,11 +267,11 @@ def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProp
     if first_locations is None:
         first_locations = first_glimpse_locations(model.agent, n, seed)
     first_glimpses = first_locations.to(device)
+    chunk_tiles = agent_chunk_tiles(tiles.shape[1], device)
     with torch.no_grad():
-        for start in range(0, n, AGENT_CHUNK_TILES):
-            chunk = images_to_tensor(tiles[start:start + AGENT_CHUNK_TILES]).to(device)
-            output = model.agent(chunk, deterministic=True,
-                                 first_locations=first_glimpses[start:start + AGENT_CHUNK_TILES])
+        for start in range(0, n, chunk_tiles):
+            chunk = images_to_tensor(tiles[start:start + chunk_tiles]).to(device)
+            output = model.agent(chunk, deterministic=True, first_locations=first_glimpses[start:start + chunk_tiles])
             probs = output.class_log_probs[:, -1].exp().cpu().numpy()
             locations = output.locations.cpu().numpy()
             for j in range(len(chunk)):

@@ -79,19 +79,19 @@ def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str,
     Falls back to the whole tissue mask when the values inside tissue are (nearly) constant.
     """
     _check_maps(normalised, tissue_mask)
-    tissue = tissue_mask.astype(bool)
+    tissue = np.asarray(tissue_mask, dtype=bool)  # no copy of a bool mask: it is only read
     values = normalised[tissue]
     if values.size == 0:
-        return tissue
-    distinct = np.unique(values)
+        return tissue.copy()
     if kind == "positive":
-        if distinct.size < 2:
-            return tissue
-        threshold = threshold_otsu(values)
-        return tissue & (normalised > threshold)
+        if _fewer_distinct_than(values, 2):
+            return tissue.copy()
+        region = normalised > threshold_otsu(values)
+        region &= tissue
+        return region
     if kind == "tumour":
-        if distinct.size < 3:
-            return tissue
+        if _fewer_distinct_than(values, 3):
+            return tissue.copy()
         fit_values = values
         if values.size > KMEANS_MAX_FIT_PX:  # large thumbnails: fit on a seeded subsample, assign all
             fit_values = np.random.default_rng(seed).choice(values, KMEANS_MAX_FIT_PX, replace=False)
@@ -103,6 +103,15 @@ def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str,
         region[tissue] = kmeans.predict(values.reshape(-1, 1)) == best
         return region
     raise ValueError(f"unknown attention mask kind {kind!r}; expected 'positive' or 'tumour'")
+
+
+def _fewer_distinct_than(values: np.ndarray, count: int) -> bool:
+    """Whether ``values`` (1-D) hold fewer than ``count`` (2 or 3) distinct values; as ``np.unique(values).size
+    < count`` without sorting a copy of them."""
+    low, high = values.min(), values.max()
+    if count == 2 or low == high:
+        return bool(low == high)
+    return not bool(np.any((values > low) & (values < high)))
 
 
 def greedy_spread(candidates_rc: np.ndarray, min_distance: float, limit: int) -> np.ndarray:
@@ -130,7 +139,7 @@ def sample_locations(
     """The paper's sampler (see the module docstring). ``rng`` draws the noise (and seeds k-means)."""
     _check_maps(attention_map, tissue_mask)
     n_wanted = sampler.n_tiles
-    tissue = tissue_mask.astype(bool)
+    tissue = np.asarray(tissue_mask, dtype=bool)
     # normalise over tissue: values off tissue (0 for a tissue-masked softmax) must not set the minimum
     floor = float(attention_map[tissue].min()) if tissue.any() else 0.0
     peak = float(attention_map[tissue].max()) if tissue.any() else 0.0

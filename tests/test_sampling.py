@@ -247,3 +247,13 @@ def test_banded_sampler_equals_the_map_sized_one(band_px: int, kind: str, monkey
             np.testing.assert_array_equal(got.centers_thumb_rc, want[0])
             np.testing.assert_array_equal(got.scores, want[1])
             assert len(got.centers_thumb_rc) == 5
+
+
+@pytest.mark.parametrize("values", [[0.5], [0.5, 0.5, 0.5], [0.1, 0.9, 0.1], [0.1, 0.5, 0.9], [0.9, 0.1, 0.9, 0.1],
+                                    [0.3, 0.3, 0.7, 0.3, 0.5]])
+def test_the_distinct_value_check_is_np_uniques(values: list[float]) -> None:
+    from dual_attention import sampling
+
+    array = np.asarray(values, dtype=np.float64)
+    for count in (2, 3):
+        assert sampling._fewer_distinct_than(array, count) == (np.unique(array).size < count)

@@ -3,7 +3,8 @@ every speed change of the scoring path gives the same tiles, glimpses, class and
 before it, run side by side here. (The tiled SAM has its own pins in test_sam_tiling.py.)
 
 The paths before: OpenSlide reads every region (no TIFF-tile reader), tiles read one after another, tiles
-converted to tensors in three passes, and the agent pools each tile for its 20x glimpses at every step.
+converted to tensors in three passes, the agent pools each tile for its 20x glimpses at every step, and it
+takes every tile of the slide in one batch (now: a memory budget's worth at a time).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _use_the_paths_before(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slides, "READ_THREADS", 1)
     monkeypatch.setattr(slides.Slide.read_boxes, "__defaults__", (None, 1))
     monkeypatch.setattr(pipeline, "images_to_tensor", _legacy_images_to_tensor)
+    monkeypatch.setattr(pipeline, "AGENT_CHUNK_BYTES", {"cpu": 1 << 40, "cuda": 1 << 40})
     per_step = GlimpseSensor.forward
     monkeypatch.setattr(GlimpseSensor, "forward",
                         lambda self, tiles, location, sources=None: per_step(self, tiles, location, None))
@@ -80,6 +82,9 @@ def test_score_is_the_same_through_the_faster_paths(tmp_path: Path, monkeypatch:
     np.testing.assert_array_equal(now_record["probabilities"], before_record["probabilities"])
     np.testing.assert_array_equal(now_record["tile_probabilities"], before_record["tile_probabilities"])
     assert len(now.tiles) >= 2  # several tiles, each with its glimpse trail, were compared
+    # the budget splits the paper-size tiles into batches of one; all of them made one batch before
+    tile_px = config.tile.tile_level0_px
+    assert pipeline.agent_chunk_tiles(tile_px, torch.device("cpu")) < len(now.tiles) or tile_px < 2048
 
 
 def test_the_paths_before_are_really_different_code(monkeypatch: pytest.MonkeyPatch) -> None:

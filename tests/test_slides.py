@@ -281,3 +281,20 @@ def test_tissue_mask_in_bands_equals_the_whole_image_mask(shared_slides: Path, b
     for image in images:
         np.testing.assert_array_equal(tissue_mask(image), _tissue_mask_whole_image(image))
     assert any(tissue_mask(image).any() for image in images)
+
+
+@pytest.mark.parametrize("band_px", [1 << 17, 64])
+def test_small_components_go_as_skimage_removes_them(monkeypatch: pytest.MonkeyPatch, band_px: int) -> None:
+    from skimage import morphology
+
+    from dual_attention import slides as slides_module
+
+    monkeypatch.setattr(slides_module, "_MASK_BAND_PX", band_px)
+    rng = np.random.default_rng(5)
+    for density in (0.2, 0.5, 0.8):
+        mask = rng.random((97, 131)) < density
+        for max_size in (0, 1, 3, 15):
+            np.testing.assert_array_equal(slides_module._without_small_components(mask, max_size, value=True),
+                                          morphology.remove_small_objects(mask, max_size=max_size))
+            np.testing.assert_array_equal(slides_module._without_small_components(mask, max(1, max_size), value=False),
+                                          morphology.remove_small_holes(mask, max_size=max(1, max_size)))
