@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import shapely
 import shapely.affinity
-from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box, mapping
+from shapely.geometry import LineString, MultiPolygon, Polygon, box, mapping
 from skimage.measure import block_reduce, find_contours
 
 from dual_attention.pipeline import SlideScore, TileScore
@@ -67,28 +67,39 @@ def mask_outline_thumb(mask: np.ndarray, min_area_thumb_px: float = 4.0) -> Mult
     if not mask.any():
         return MultiPolygon()
     # Padding closes every contour at the image border; the padded frame is shifted back by one pixel.
-    contours = find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
-    rings = [Polygon(contour[:, ::-1] - 1.0) for contour in contours if len(contour) >= 4]
-    rings = [ring for ring in rings if ring.area > 0]
+    contours = [c for c in find_contours(np.pad(mask, 1).astype(np.float32), 0.5) if len(c) >= 4]
+    if not contours:
+        return MultiPolygon()
+    # Whole arrays of rings at a time (shapely's vectorised functions): one Python call per ring was most of
+    # a cohort job's per-slide GeoJSON cost (about 7 ms a slide on 2048² slides, measured).
+    coords = np.concatenate(contours)[:, ::-1] - 1.0
+    starts = np.cumsum([0] + [len(c) for c in contours[:-1]])
+    ring_of_vertex = np.repeat(np.arange(len(contours)), [len(c) for c in contours])
+    rings = shapely.linearrings(coords, indices=ring_of_vertex)
+    keep = shapely.area(shapely.polygons(rings)) > 0
+    if not keep.any():
+        return MultiPolygon()
+    rings, first_vertices = rings[keep], shapely.points(coords[starts[keep]])
     # Depth = how many rings enclose a ring (rings never cross, so one vertex of it decides).
-    tree = shapely.STRtree(rings)
-    vertices = [Point(ring.exterior.coords[0]) for ring in rings]
+    tree = shapely.STRtree(shapely.polygons(rings))
     enclosing: list[list[int]] = [[] for _ in rings]
-    for vertex_index, ring_index in zip(*tree.query(vertices, predicate="within"), strict=True):
+    for vertex_index, ring_index in zip(*tree.query(first_vertices, predicate="within"), strict=True):
         if vertex_index != ring_index:
             enclosing[int(vertex_index)].append(int(ring_index))
     depth = [len(e) for e in enclosing]
-    holes: dict[int, list[Any]] = {i: [] for i, d in enumerate(depth) if d % 2 == 0}
+    holes: dict[int, list[int]] = {i: [] for i, d in enumerate(depth) if d % 2 == 0}
     for i, d in enumerate(depth):
         if d % 2 == 1:  # a hole: its shell is the deepest ring around it
-            parent = max(enclosing[i], key=lambda j: depth[j])
-            holes[parent].append(rings[i].exterior.coords)
-    polygons = [Polygon(rings[i].exterior.coords, holes[i]) for i in sorted(holes)]
+            holes[max(enclosing[i], key=lambda j: depth[j])].append(i)
+    # Each shell followed by its holes, one polygon per shell.
+    order = [ring for shell in sorted(holes) for ring in (shell, *holes[shell])]
+    polygon_of_ring = [n for n, shell in enumerate(sorted(holes)) for _ in range(1 + len(holes[shell]))]
+    polygons = shapely.polygons(rings[order], indices=polygon_of_ring)
     # A quarter pixel: drops most of marching squares' staircase vertices and keeps pixel centres inside
     # (they lie at least 0.35 px from the contour).
-    polygons = [shapely.make_valid(p.simplify(0.25, preserve_topology=True)) for p in polygons]
-    pieces = [g for p in polygons for g in getattr(p, "geoms", [p]) if isinstance(g, Polygon)]
-    return MultiPolygon([p for p in pieces if p.area >= min_area_thumb_px])
+    pieces = shapely.get_parts(shapely.make_valid(shapely.simplify(polygons, 0.25, preserve_topology=True)))
+    polygon = shapely.get_type_id(pieces) == shapely.GeometryType.POLYGON
+    return MultiPolygon(list(pieces[polygon & (shapely.area(pieces) >= min_area_thumb_px)]))
 
 
 def thumb_geometry_to_level0(geometry: Any, downsample: int) -> Any:
