@@ -73,15 +73,16 @@ def mask_outline_thumb(mask: np.ndarray, min_area_thumb_px: float = 4.0) -> Mult
     # Whole arrays of rings at a time (shapely's vectorised functions): one Python call per ring was most of
     # a cohort job's per-slide GeoJSON cost (about 7 ms a slide on 2048² slides, measured).
     coords = np.concatenate(contours)[:, ::-1] - 1.0
-    starts = np.cumsum([0] + [len(c) for c in contours[:-1]])
-    ring_of_vertex = np.repeat(np.arange(len(contours)), [len(c) for c in contours])
-    rings = shapely.linearrings(coords, indices=ring_of_vertex)
-    keep = shapely.area(shapely.polygons(rings)) > 0
+    lengths = [len(c) for c in contours]
+    starts = np.cumsum([0, *lengths[:-1]])
+    rings = shapely.linearrings(coords, indices=np.repeat(np.arange(len(contours)), lengths))
+    filled = shapely.polygons(rings)
+    keep = shapely.area(filled) > 0
     if not keep.any():
         return MultiPolygon()
-    rings, first_vertices = rings[keep], shapely.points(coords[starts[keep]])
+    rings, filled, first_vertices = rings[keep], filled[keep], shapely.points(coords[starts[keep]])
     # Depth = how many rings enclose a ring (rings never cross, so one vertex of it decides).
-    tree = shapely.STRtree(shapely.polygons(rings))
+    tree = shapely.STRtree(filled)
     enclosing: list[list[int]] = [[] for _ in rings]
     for vertex_index, ring_index in zip(*tree.query(first_vertices, predicate="within"), strict=True):
         if vertex_index != ring_index:

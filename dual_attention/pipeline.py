@@ -56,11 +56,6 @@ ReadTiles = Callable[[Sequence[Level0Box]], np.ndarray]
 # scales, so the CPU takes one at a time; 256² tiles go 85 at a time). A GPU has the memory for larger batches.
 AGENT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
-
-def agent_chunk_tiles(tile_px: int, device: torch.device) -> int:
-    """Tiles per agent forward pass when scoring (``AGENT_CHUNK_BYTES`` of float32 tiles, at least one)."""
-    budget = AGENT_CHUNK_BYTES.get(device.type, AGENT_CHUNK_BYTES["cpu"])
-    return max(1, budget // (3 * 4 * tile_px * tile_px))
 # Side (thumbnail px) of the tiles in which inference computes the SAM's logits (``SoftAttentionNet.
 # tiled_logits``): activation memory is bounded by this tile, not by the slide's area. Small tiles also
 # ran faster on one CPU thread despite the halo (1024² thumbnail, CPU s, paper-her2 / paper-mmr:
@@ -253,6 +248,12 @@ def first_glimpse_locations(agent: torch.nn.Module, n_tiles: int, seed: int) -> 
     draw for all tiles, so that a tile's first glimpse does not depend on how tiles are batched (serving
     batches the tiles of several requests, each with its own seed)."""
     return agent.random_first_locations(n_tiles, torch.Generator().manual_seed(int(seed)))
+
+
+def agent_chunk_tiles(tile_px: int, device: torch.device) -> int:
+    """Tiles per agent forward pass when scoring (``AGENT_CHUNK_BYTES`` of float32 tiles, at least one)."""
+    budget = AGENT_CHUNK_BYTES.get(device.type, AGENT_CHUNK_BYTES["cpu"])
+    return max(1, budget // (3 * 4 * tile_px * tile_px))
 
 
 def score_tiles(model: DualAttentionModel, tiles: np.ndarray, proposal: TileProposal, config: DualAttentionConfig,
