@@ -11,11 +11,11 @@ What runs where:
   with every class present (``class_balanced_batches``; the plan is drawn from the epoch's seed, so all
   workers agree on it and take every ``world_size``-th batch), ``pipeline.training_step`` for the loss,
   Adam with one learning rate for the SAM side (SAM + f_f + SAM head) and one for the agent, StepLR per
-  epoch. Tiles come from a ``jobs.runtime.tile_plane.TilePool`` of reader actors that each worker starts for
-  itself (the pool object holds locks and cannot be shipped to workers; its actors die with the worker,
-  so a restarted worker gets fresh readers). ``--tile-reader local`` reads with the same ``TileReader``
-  code inside the worker process instead, saving the Ray round trip per slide (see
-  benchmarks/bench_train_step.py for the measured difference).
+  epoch. Tiles are read by the same ``TileReader`` code either in the worker process (``--tile-reader
+  local``, the default on CPU workers: no Ray round trip per slide, see benchmarks/bench_train_step.py for
+  the measured difference) or by a ``jobs.runtime.tile_plane.TilePool`` of reader actors that each worker
+  starts for itself (``pool``, the default beside GPU workers; the pool object holds locks and cannot be
+  shipped to workers; its actors die with the worker, so a restarted worker gets fresh readers).
 - Per epoch, validation slides are scored with ``pipeline.score_slide`` (sharded over workers; every
   worker's ``EpochShare`` is gathered), and rank 0 reports ``training.epoch_metrics`` with a checkpoint
   (``training.save_training_checkpoint`` + a few overlay PNGs) via ``ray.train.report``. The run's settings
@@ -71,7 +71,7 @@ from jobs.runtime.cluster import start_ray
 
 OVERLAY_DIR = "overlays"  # validation overlay PNGs in a checkpoint folder, logged to MLflow per epoch
 DEVICES = ("auto", "cpu", "gpu")
-TILE_READERS = ("pool", "local")
+TILE_READERS = ("auto", "pool", "local")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class TrainRun:
     resume_checkpoint: str | None = None  # a checkpoint folder to start from (weights, optimiser, epoch)
     overlays_per_epoch: int = 2
     tile_actors_per_worker: int = 1
-    tile_reader: str = "pool"  # pool: Ray tile-reader actors; local: OpenSlide in the worker process
+    tile_reader: str = "auto"  # pool: Ray tile-reader actors; local: OpenSlide in the worker; auto: see below
     torch_threads: int = 1  # torch intra-op threads per Train worker (each holds one logical CPU)
     fail_at_epoch: int | None = None  # test hook: the last worker fails once at this epoch
     fail_always_at_epoch: int | None = None  # test hook: ... at every attempt
@@ -117,6 +117,16 @@ class TrainRun:
     def use_gpu(self) -> bool:
         """Whether Train workers take a GPU (``auto`` asks the cluster; Ray must be running)."""
         return cluster_has_gpu() if self.device == "auto" else self.device == "gpu"
+
+    def reads_tiles_in_worker(self, use_gpu: bool) -> bool:
+        """``auto``: CPU workers read their own tiles (a worker already holds the CPU the read needs, and the
+        actor round trip made tile waits 20-24% of a step against 2-7% in the worker: benchmarks/RESULTS.md,
+        Training); GPU workers leave reads to reader actors on the node's other CPUs."""
+        return self.tile_reader == "local" or (self.tile_reader == "auto" and not use_gpu)
+
+    def tile_actors(self, use_gpu: bool) -> int:
+        """Tile-reader actors each Train worker starts (none when it reads in its own process)."""
+        return 0 if self.reads_tiles_in_worker(use_gpu) else self.tile_actors_per_worker
 
 
 @dataclass(frozen=True)
@@ -255,7 +265,7 @@ class _WorkerTileReaders:
         from jobs.runtime.tile_plane import TilePool, TileReader
 
         self.tile_px = tile_px
-        self.local = TileReader() if run.tile_reader == "local" else None
+        self.local = TileReader() if run.tile_reader == "local" else None  # fit_fold resolved "auto"
         self.pool = None if self.local else TilePool(num_actors=run.tile_actors_per_worker)
 
     def read_tiles_fn(self, path: str) -> Callable[[Any], np.ndarray]:
@@ -436,6 +446,7 @@ def fit_fold(config: DualAttentionConfig, cohort: PreparedCohort, run: TrainRun,
     if not any(s.fold == val_fold for s in cohort.slides):
         raise ValueError(f"validation fold {val_fold} has no usable slide (manifest column 'fold')")
     use_gpu = run.use_gpu()
+    run = dataclasses.replace(run, tile_reader="local" if run.reads_tiles_in_worker(use_gpu) else "pool")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": FoldJob(config, cohort, run, val_fold)},
@@ -827,7 +838,8 @@ def add_run_flags(parser: argparse.ArgumentParser, *, experiment: str, model_ali
     parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run folder>/cache)")
     parser.add_argument("--max-failures", type=int, default=max_failures,
                         help="worker-group restarts before a training run gives up")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per Train worker")
+    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per Train worker (reads through the pool only: GPU workers, "
+                             "--tile-reader pool)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads per Train worker (each holds one logical CPU)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the "
@@ -851,8 +863,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="continue a stopped run folder, or start from a checkpoint folder (model.pt)")
     add_run_flags(parser, experiment="dual-attention", model_alias="candidate", max_failures=2)
     parser.add_argument("--overlays-per-epoch", type=int, default=2, help="validation overlays logged per epoch")
-    parser.add_argument("--tile-reader", choices=TILE_READERS, default="pool",
-                        help="pool: Ray tile-reader actors (default); local: OpenSlide in the worker process")
+    parser.add_argument("--tile-reader", choices=TILE_READERS, default="auto",
+                        help="pool: Ray tile-reader actors; local: OpenSlide in the worker process; auto (default): "
+                             "local on CPU workers, pool beside GPU workers")
     parser.add_argument("--inject-failure-at-epoch", type=int, help=argparse.SUPPRESS)  # fault-tolerance tests
     # a worker that fails at this epoch on every attempt (failure-reporting tests)
     parser.add_argument("--inject-persistent-failure-at-epoch", type=int, help=argparse.SUPPRESS)

@@ -172,7 +172,8 @@ def trained_run(ray_cluster: None, cohort: Path, tmp_path_factory: pytest.TempPa
     code = main(["--manifest", str(cohort), "--preset", "cpu-small", "--epochs", "2", "--num-workers", "2",
                  "--set", "train.steps_per_epoch=2", "--set", "train.sam_warmup_steps=0", "--val-fold", "1",
                  "--run-dir", str(run_dir),
-                 "--device", "cpu", "--overlays-per-epoch", "1"])
+                 # the reader actors (the GPU workers' default): a lost worker's readers die with it
+                 "--device", "cpu", "--overlays-per-epoch", "1", "--tile-reader", "pool"])
     assert code == 0
     return run_dir
 

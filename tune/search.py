@@ -211,7 +211,8 @@ def _run_search(settings: SearchSettings, resume: bool, restart_errored: bool) -
 
     start_ray()
     use_gpu = settings.trial_run().use_gpu()  # asked once: every trial gets the same answer
-    per_trial = trial_resources(base.train.num_workers, settings.tile_actors_per_worker, use_gpu)
+    actors_per_worker = settings.trial_run(use_gpu).tile_actors(use_gpu)  # none where workers read their tiles
+    per_trial = trial_resources(base.train.num_workers, actors_per_worker, use_gpu)
     concurrent = settings.max_concurrent or max_concurrent_trials(ray.cluster_resources(), per_trial)
     gpus = f", {per_trial['GPU']:g} GPU" if use_gpu else ""
     print(f"[tune] {settings.num_samples} trials, at most {concurrent} at once (each needs {per_trial['CPU']:g} "
