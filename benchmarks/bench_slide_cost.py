@@ -216,10 +216,11 @@ def child_score(path: str, preset_name: str, threads: str, repeats: str) -> dict
 
     from dual_attention.config import preset
     from dual_attention.models import DualAttentionModel
-    from dual_attention.profiling import StageTimer
+    from dual_attention.profiling import StageTimer, one_malloc_arena
     from dual_attention.slides import open_slide
     from jobs.score import score_slide_path
 
+    one_malloc_arena()  # as `dual-attention score` starts (jobs.score.main)
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     config = preset(preset_name)

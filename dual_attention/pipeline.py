@@ -71,7 +71,7 @@ class ScoringError(ValueError):
 class TileProposal:
     level0_boxes: list[Level0Box]
     attention_weights: np.ndarray  # (n,) attention at each box's thumbnail centre
-    attention_map: np.ndarray  # (h, w) thumbnail-sized, sums to 1 (over tissue; 0 elsewhere)
+    attention_map: np.ndarray  # (h, w) float32 thumbnail-sized, sums to 1 (over tissue; 0 elsewhere)
     centers_thumb_rc: np.ndarray  # (n, 2) row, col on the thumbnail
     shortfall_reason: str | None  # why fewer than config.sampler.n_tiles boxes; None if all
 
@@ -224,8 +224,9 @@ def propose_tiles(model: DualAttentionModel, thumbnail: np.ndarray, tissue_mask:
     check_slide_fits_a_tile(level0_dims, config.tile.tile_level0_px)
     timer = timer or StageTimer()
     with timer.stage("soft_attention"), torch.inference_mode():
-        attention = attention_map_of(model, thumbnail, tissue_mask, tile_px=sam_tile_px
-                                     ).cpu().numpy().astype(np.float64)
+        # float32 as the SAM computes it: its consumers widen exactly where they do arithmetic (the sampler,
+        # metrics, overlays, GeoJSON), so the tiles are those of a float64 copy, without its 25 MB at 3.2 GP.
+        attention = attention_map_of(model, thumbnail, tissue_mask, tile_px=sam_tile_px).cpu().numpy()
     with timer.stage("sampling"):
         sampled = _sample(attention, np.asarray(tissue_mask, dtype=bool), config, np.random.default_rng(seed), sampler)
         centers = sampled.centers_thumb_rc
@@ -321,7 +322,7 @@ def combine_folds(fold_scores: Sequence[SlideScore], task: str) -> SlideScore:
         class_probabilities=[float(p) for p in mean],
         confidence=confidence,
         tiles=[t for s in fold_scores for t in s.tiles],
-        attention_map=np.mean(maps, axis=0) if same_shape else maps[0],
+        attention_map=np.mean(maps, axis=0, dtype=np.float64) if same_shape else maps[0],
         level0_pixels_read=int(sum(s.level0_pixels_read for s in fold_scores)),
         fraction_level0_read=float(sum(s.fraction_level0_read for s in fold_scores)),
     )

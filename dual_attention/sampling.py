@@ -60,7 +60,12 @@ def normalise_attention(attention_map: np.ndarray) -> np.ndarray:
 def _normalise_in_place(values: np.ndarray) -> np.ndarray:
     """``normalise_attention`` overwriting ``values`` (float64): the same arithmetic, no map-sized copies."""
     low, high = float(values.min()), float(values.max())
-    span = high - low
+    return _min_max_in_place(values, low, high - low)
+
+
+def _min_max_in_place(values: np.ndarray, low: float, span: float) -> np.ndarray:
+    """The one min-max arithmetic (float64, in place, element by element): ``values`` may be a whole map or
+    any of its pixels, normalised as the whole map would be given its ``low`` and ``span``."""
     if span <= 0 or not np.isfinite(span):
         values[...] = 1.0
         return values
@@ -80,14 +85,18 @@ def attention_region(normalised: np.ndarray, tissue_mask: np.ndarray, kind: str,
     """
     _check_maps(normalised, tissue_mask)
     tissue = np.asarray(tissue_mask, dtype=bool)  # no copy of a bool mask: it is only read
-    values = normalised[tissue]
+    return _region_of_tissue_values(normalised[tissue], tissue, kind, seed)
+
+
+def _region_of_tissue_values(values: np.ndarray, tissue: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """``attention_region`` from the normalised values of the tissue pixels alone (row-major order)."""
     if values.size == 0:
         return tissue.copy()
     if kind == "positive":
         if _fewer_distinct_than(values, 2):
             return tissue.copy()
-        region = normalised > threshold_otsu(values)
-        region &= tissue
+        region = np.zeros_like(tissue)
+        region[tissue] = values > threshold_otsu(values)
         return region
     if kind == "tumour":
         if _fewer_distinct_than(values, 3):
@@ -140,21 +149,25 @@ def sample_locations(
     _check_maps(attention_map, tissue_mask)
     n_wanted = sampler.n_tiles
     tissue = np.asarray(tissue_mask, dtype=bool)
-    # normalise over tissue: values off tissue (0 for a tissue-masked softmax) must not set the minimum
-    floor = float(attention_map[tissue].min()) if tissue.any() else 0.0
-    peak = float(attention_map[tissue].max()) if tissue.any() else 0.0
-    if not peak > floor * (1.0 + sampler.min_contrast):  # flat: do not stretch noise into a range
-        normalised = np.ones(attention_map.shape, dtype=np.float64)
-    else:
-        normalised = _normalise_in_place(np.where(tissue, attention_map, floor).astype(np.float64, copy=False))
+    # Normalise over tissue: values off tissue (0 for a tissue-masked softmax) must not set the minimum. Only
+    # tissue pixels are ever normalised (here, then band by band in ``_top_scores``), in float64 whatever the
+    # map's dtype: no map-sized float64 copy (25 MB for a 3.2-GP slide's 1536 x 2048 thumbnail).
+    tissue_values = attention_map[tissue].astype(np.float64)
+    floor = float(tissue_values.min()) if tissue_values.size else 0.0
+    peak = float(tissue_values.max()) if tissue_values.size else 0.0
+    # flat (max/min below 1 + min_contrast): do not stretch noise into a range; a span of 0 makes every value 1
+    span = peak - floor if peak > floor * (1.0 + sampler.min_contrast) else 0.0
+    _min_max_in_place(tissue_values, floor, span)
     kmeans_seed = int(rng.integers(0, 2**31 - 1))
-    region = attention_region(normalised, tissue_mask, mask_kind, seed=kmeans_seed)
+    region = _region_of_tissue_values(tissue_values, tissue, mask_kind, kmeans_seed)
+    del tissue_values
     n_region = int(region.sum())
     if n_region == 0:
         return SampledLocations(np.zeros((0, 2), np.int64), np.zeros(0), "no tissue inside the attention mask")
     n_candidates = min(sampler.n_candidates, n_region)
-    flat_top, top_scores = _top_scores(normalised, region, rng, sampler.noise_low, sampler.noise_high, n_candidates)
-    candidates = np.stack(np.unravel_index(flat_top, normalised.shape), axis=1)
+    flat_top, top_scores = _top_scores(attention_map, floor, span, region, rng, sampler.noise_low,
+                                       sampler.noise_high, n_candidates)
+    candidates = np.stack(np.unravel_index(flat_top, attention_map.shape), axis=1)
     kept = greedy_spread(candidates, sampler.min_distance_thumb_px, n_wanted)
     reason = None
     if kept.size < n_wanted:
@@ -168,13 +181,14 @@ def sample_locations(
 _BAND_PX = 1 << 18  # map pixels per band of ``_top_scores``
 
 
-def _top_scores(normalised: np.ndarray, region: np.ndarray, rng: np.random.Generator, noise_low: float,
-                noise_high: float, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_scores(attention_map: np.ndarray, low: float, span: float, region: np.ndarray, rng: np.random.Generator,
+                noise_low: float, noise_high: float, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``n_candidates`` highest F = n + Â inside ``region`` (flat indices into the map, best first, and
-    their F). The noise is drawn for every pixel in row order, a band of rows at a time (the same numbers as
-    one draw of the map's shape), and only the region's pixels are scored and ranked: no map-sized
-    temporaries (a 3.2-GP slide's 1536 x 2048 map took 108 MB of them)."""
-    height, width = normalised.shape
+    their F), Â the map min-max normalised by ``low`` and ``span``. The noise is drawn for every pixel in row
+    order, a band of rows at a time (the same numbers as one draw of the map's shape), and only the region's
+    pixels are normalised, scored and ranked: no map-sized temporaries (a 3.2-GP slide's 1536 x 2048 map
+    took 108 MB of them)."""
+    height, width = attention_map.shape
     rows_per_band = max(1, _BAND_PX // max(1, width))
     indices, scores = [], []
     for row0 in range(0, height, rows_per_band):
@@ -183,7 +197,8 @@ def _top_scores(normalised: np.ndarray, region: np.ndarray, rng: np.random.Gener
         inside = np.flatnonzero(region[row0:row1])
         if inside.size == 0:
             continue
-        band_scores = noise[inside] + normalised[row0:row1].ravel()[inside]
+        band_scores = noise[inside] + _min_max_in_place(attention_map[row0:row1].ravel()[inside].astype(np.float64),
+                                                        low, span)
         keep = np.argpartition(-band_scores, min(n_candidates, inside.size) - 1)[:n_candidates]
         indices.append(inside[keep] + row0 * width)
         scores.append(band_scores[keep])

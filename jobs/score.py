@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dual_attention.config import add_model_flags
 from dual_attention.pipeline import ScoringError, score_slide_path, slide_score_record
-from dual_attention.profiling import StageTimer
+from dual_attention.profiling import StageTimer, one_malloc_arena
 from dual_attention.slides import SlideError, calibration_dict, open_slide
 
 
@@ -41,6 +41,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     from jobs.runtime.tracking import load_model_for_cli
+
+    one_malloc_arena()  # before scoring's threads allocate: peak RSS bounded by the slide's live arrays
 
     loaded = load_model_for_cli(args.model, args.mlflow_uri)
     if loaded is None:

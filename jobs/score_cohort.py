@@ -68,6 +68,7 @@ from dual_attention.pipeline import (
     score_tiles,
     slide_seed,
 )
+from dual_attention.profiling import one_malloc_arena
 from dual_attention.slides import Level0Box, open_slide
 
 # Suffixes of the single-file slide formats OpenSlide reads (folder input); other files are ignored.
@@ -212,6 +213,7 @@ class ProposeStage:
     ``overlay`` also carries its thumbnail and attention map on (``overlay_views``), for the driver to draw."""
 
     def __init__(self, model: Any, settings: StageSettings) -> None:
+        one_malloc_arena()  # this actor's SAM tile threads share one heap (bounded peak RSS)
         self.model = model.eval()
         self.settings = settings
 

@@ -34,7 +34,7 @@ from dual_attention.pipeline import (
     propose_tiles,
     score_tiles,
 )
-from dual_attention.profiling import StageTimer
+from dual_attention.profiling import StageTimer, one_malloc_arena
 from dual_attention.slides import Slide, SlideHandleCache, SlideInfo, SlideView, open_slide, slide_view
 from serve.model_source import ModelLoadError, ModelRef, load_model
 from serve.settings import MAX_BATCH_TILES
@@ -122,6 +122,7 @@ class _ModelHolder:
 
     def __init__(self, model_ref: ModelRef, tracking_uri: str | None, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
+        one_malloc_arena()  # the replica's scoring threads share one heap (bounded peak RSS)
         self.model_ref = model_ref
         self.model: Any = None
         self.config: DualAttentionConfig | None = None

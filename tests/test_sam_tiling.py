@@ -159,6 +159,39 @@ def test_stage_timer_accumulates_repeated_stages() -> None:
     assert set(timer.ms) == {"tile_reads", "agent"} and timer.ms["tile_reads"] > 0
 
 
+_THREADS_ALLOCATE = """
+import ctypes, sys, threading
+import numpy as np
+from dual_attention.profiling import one_malloc_arena
+if sys.argv[1] == "one":
+    assert one_malloc_arena()
+def allocate():  # 8-KB arrays: malloc'd from the thread's arena (below the mmap threshold)
+    kept = [np.ones(1000) for _ in range(200)]
+    del kept
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # to stderr: one "Arena N:" block per arena
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc's malloc arenas: Linux only")
+def test_one_malloc_arena_keeps_every_thread_in_one_heap() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    arenas = {}
+    for mode in ("default", "one"):
+        done = subprocess.run([sys.executable, "-c", _THREADS_ALLOCATE, mode], capture_output=True, text=True,
+                              cwd=root, check=True)
+        arenas[mode] = done.stderr.count("Arena ")
+    assert arenas["default"] > 1  # glibc's default: threads that allocate get arenas of their own
+    assert arenas["one"] == 1
+
+
 def test_score_job_json_has_the_profile(tmp_path: Path, shared_slides: Path) -> None:
     from jobs.score import main
 

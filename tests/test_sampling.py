@@ -229,13 +229,15 @@ def _sample_locations_before_the_bands(attention_map, tissue_mask, sampler, mask
 
 @pytest.mark.parametrize("band_px", [1 << 18, 999, 1])
 @pytest.mark.parametrize("kind", ["positive", "tumour"])
-def test_banded_sampler_equals_the_map_sized_one(band_px: int, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # scoring's maps are the SAM's float32
+def test_banded_sampler_equals_the_map_sized_one(band_px: int, kind: str, dtype: type,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from dual_attention import sampling
 
     monkeypatch.setattr(sampling, "_BAND_PX", band_px)
     for seed, (h, w) in enumerate([(40, 60), (97, 131), (300, 200)]):
         rng = np.random.default_rng(seed)
-        attention = rng.random((h, w)) ** 4
+        attention = (rng.random((h, w)) ** 4).astype(dtype)
         tissue = np.zeros((h, w), dtype=bool)
         tissue[h // 5:h - 3, 2:w // 2 + 7] = True
         for noise_low, noise_high in ((0.0, 1.0), (-2.0, 1.0), (0.0, 1e-3)):
