@@ -16,6 +16,10 @@ whatever the weights), saved as a checkpoint. Parts, all written into ``benchmar
   (``job_small``) gives the driver's RSS for 20 vs 200 slides, and the two give the job's fixed start
   and its marginal seconds per slide. ``job_split`` / ``job_split_small``: the same with ``--stages split``
   (the three-operator pipeline that GPU clusters run), for the before/after of fusing the stages on CPUs.
+* ``start``: where the job's fixed start goes, each in a fresh process as the job runs (``--start-child``):
+  seconds to import ``jobs.score_cohort``, load the model, start Ray, then from Ray started to the pipeline's
+  first batch and to its last; and Ray's own floor, a trivial Ray Data ``map`` of the same rows through the
+  same number of actors (no torch in them) from Ray started to its first batch.
 * ``window``: ``python -m jobs.baselines sliding-window`` scoring the same slides (a ResNet18 trained for one
   epoch on 8 slides first; throughput does not depend on the weights): slides per hour beside the job's.
 * ``cluster``: the same job on a local 2-node cluster (``ray.cluster_utils.Cluster``, 4 logical CPUs per
@@ -50,7 +54,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "cohort_job.json"
-PARTS = ("inprocess", "job", "window", "cluster", "kill", "giga")
+PARTS = ("inprocess", "job", "start", "window", "cluster", "kill", "giga")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the tests: a private local instance needs no token
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -287,6 +291,58 @@ def part_inprocess(manifest: Path, ckpt: Path, probe: int = 10) -> dict[str, Any
             "load_before": load_before, "load_after": load()}
 
 
+class _NoOpStage:
+    """A Ray Data actor that does nothing: the trivial pipeline of ``start_child``."""
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return row
+
+
+def start_child(manifest: str, ckpt: str, mode: str) -> dict[str, Any]:
+    """One fresh process's start, as ``jobs.score_cohort`` runs it (``mode`` "job"), or the trivial pipeline
+    (``mode`` "trivial"): seconds from this function's start to each mark."""
+    started = time.perf_counter()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = round(time.perf_counter() - started, 2)
+
+    from jobs import score_cohort
+    from jobs.runtime.cluster import RaySession
+    from jobs.runtime.tracking import load_model_for_cli
+
+    mark("imported")
+    model, config, _ = load_model_for_cli(ckpt, None)  # as jobs.score_cohort.main loads it
+    mark("model_loaded")
+    rows = score_cohort.slides_in_manifest(manifest, config.task)
+    with RaySession(log_to_driver=False):
+        mark("ray_started")
+        if mode == "job":
+            batches = score_cohort.scored_batches(model, config, rows)
+        else:
+            actors = 2  # the fused job's propose_actors + concurrency at their defaults
+            ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // 8))
+            ds = ds.map(_NoOpStage, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+            batches = ds.iter_batches(batch_size=None)
+        for index, _ in enumerate(batches):
+            if index == 0:
+                mark("first_batch")
+        mark("last_batch")
+    mark("ray_shut_down")
+    return {"mode": mode, "marks_s": marks,
+            "ray_started_to_first_batch_s": round(marks["first_batch"] - marks["ray_started"], 2),
+            "first_to_last_batch_s": round(marks["last_batch"] - marks["first_batch"], 2)}
+
+
+def part_start(manifest: Path, ckpt: Path) -> dict[str, Any]:
+    out = {}
+    for mode in ("job", "trivial"):
+        done = subprocess.run([sys.executable, __file__, "--start-child", str(manifest), str(ckpt), mode],
+                              cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, check=True)
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def part_job(manifest: Path, ckpt: Path, work: Path, args: argparse.Namespace, tag: str, stages: str = "auto"
              ) -> dict[str, Any]:
     out = work / f"out-{tag}"
@@ -465,6 +521,14 @@ def table(results: dict[str, Any]) -> str:
                                   phase))
         lines.append(f"| job process wall, excluding nothing (Python, Ray start, scoring, shutdown) | "
                      f"{job['process_wall_s']:.1f} s = {job['process_wall_per_slide_s']:.3f} s/slide | | |")
+    start = results.get("start")
+    if start:
+        job_marks, trivial = start["job"]["marks_s"], start["trivial"]
+        lines.append(f"| the job's start in a fresh process (torch and Ray imported first): Ray's start "
+                     f"{job_marks['ray_started'] - job_marks['model_loaded']:.2f} s; Ray started → first "
+                     f"batch / Ray Data's no-op pipeline through 2 actors | "
+                     f"{start['job']['ray_started_to_first_batch_s']} / {trivial['ray_started_to_first_batch_s']} "
+                     f"s; then {start['job']['first_to_last_batch_s']} s to the last batch | | |")
     for key, plan in (("job", "fused (default)"), ("job_split", "split")):
         big, small_run = results.get(key), results.get(f"{key}_small")
         if big and small_run and inproc:
@@ -523,7 +587,11 @@ def main() -> int:
     parser.add_argument("--giga-slides", type=int, default=10)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--start-child", nargs=3, help=argparse.SUPPRESS)  # MANIFEST CKPT MODE (part "start")
     args = parser.parse_args()
+    if args.start_child:
+        print(json.dumps(start_child(*args.start_child)))
+        return 0
     only = set(args.only.split(","))
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -545,6 +613,7 @@ def main() -> int:
              ("job_small", lambda: part_job(small, ckpt, work, args, "job-small")),
              ("job_split", lambda: part_job(manifest, ckpt, work, args, "job-split", "split")),
              ("job_split_small", lambda: part_job(small, ckpt, work, args, "job-split-small", "split")),
+             ("start", lambda: part_start(manifest, ckpt)),
              ("inprocess_after", lambda: part_inprocess(manifest, ckpt)),
              ("window", lambda: part_window(manifest, work)),
              ("cluster", lambda: part_cluster(manifest, ckpt, work, args, work / "out-job")),
