@@ -113,6 +113,18 @@ def test_run_settings_and_the_config_are_frozen_and_bad_settings_are_refused_by_
             TrainRun(tmp_path, **bad)
 
 
+def test_tile_reads_stay_in_cpu_workers_and_go_to_reader_actors_beside_gpu_workers(tmp_path: Path) -> None:
+    from jobs.train import TrainRun, build_parser
+
+    run = TrainRun(tmp_path, tile_actors_per_worker=3)
+    assert run.tile_reader == build_parser().parse_args([]).tile_reader == "auto"
+    assert run.reads_tiles_in_worker(use_gpu=False) and run.tile_actors(use_gpu=False) == 0
+    assert not run.reads_tiles_in_worker(use_gpu=True) and run.tile_actors(use_gpu=True) == 3
+    for use_gpu in (False, True):  # an explicit choice wins on either device
+        assert TrainRun(tmp_path, tile_reader="local").reads_tiles_in_worker(use_gpu)
+        assert TrainRun(tmp_path, tile_reader="pool", tile_actors_per_worker=2).tile_actors(use_gpu) == 2
+
+
 def test_a_config_saved_with_the_removed_train_use_gpu_still_loads() -> None:
     """Checkpoints, run folders and registered models written before train.use_gpu was removed carry it."""
     from dual_attention.config import DualAttentionConfig
