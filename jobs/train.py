@@ -838,7 +838,8 @@ def add_run_flags(parser: argparse.ArgumentParser, *, experiment: str, model_ali
     parser.add_argument("--cache-dir", help="thumbnail/tissue-mask cache (default <run folder>/cache)")
     parser.add_argument("--max-failures", type=int, default=max_failures,
                         help="worker-group restarts before a training run gives up")
-    parser.add_argument("--tile-actors-per-worker", type=int, default=1, help="tile-reader actors per Train worker (reads through the pool only: GPU workers, "
+    parser.add_argument("--tile-actors-per-worker", type=int, default=1,
+                        help="tile-reader actors per Train worker (reads through the pool only: GPU workers, "
                              "--tile-reader pool)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads per Train worker (each holds one logical CPU)")
